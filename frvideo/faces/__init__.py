@@ -1,0 +1,1 @@
+"""Face detection, tracking, alignment and blending."""

@@ -1,0 +1,43 @@
+"""One detector interface: boxes, 5 landmarks and scores per image.
+
+Landmark order everywhere in frvideo (as RetinaFace/facexlib and YuNet):
+right eye, left eye (from the viewer: left-most first), nose tip, right mouth
+corner, left mouth corner — i.e. the order of the FFHQ template in align.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Detections:
+    """Faces in one image. N may be 0."""
+
+    boxes: np.ndarray  # N x 4 float32, x1 y1 x2 y2 in pixels
+    landmarks: np.ndarray  # N x 5 x 2 float32, pixels
+    scores: np.ndarray  # N float32 in [0, 1]
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def select(self, keep) -> "Detections":
+        return Detections(self.boxes[keep], self.landmarks[keep], self.scores[keep])
+
+
+class FaceDetector:
+    """Base class. ``detect`` takes an RGB uint8 H x W x 3 image."""
+
+    name = "?"
+
+    def detect(self, image_rgb: np.ndarray) -> Detections:
+        raise NotImplementedError
+
+    def detect_batch(self, images_rgb: list[np.ndarray]) -> list[Detections]:
+        """Several frames at once; detectors that can batch override this."""
+        return [self.detect(im) for im in images_rgb]

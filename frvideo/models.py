@@ -1,0 +1,106 @@
+"""Model cards: ``configs/models/<name>.yaml`` parsed into ``ModelConfig``.
+
+A card names the backend (entry point), the architecture arguments and the
+weight file (name, download url, sha256, which checkpoint entry holds the
+state dict). Detectors have cards too (``kind: detector``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+MODELS_DIR = CONFIG_ROOT / "models"
+PRESETS_DIR = CONFIG_ROOT / "presets"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    file: str
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    param_keys: list[str] = field(default_factory=lambda: ["params_ema", "params"])
+    shipped: Optional[str] = None  # path relative to the repo root of a file shipped in the package
+    license: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backend: str
+    kind: str = "restorer"  # or "detector"
+    description: str = ""
+    arch: dict[str, Any] = field(default_factory=dict)
+    weights: Optional[WeightSpec] = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0  # for --model/--detector auto: higher is preferred
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    return data
+
+
+def load_model_config(name: str) -> ModelConfig:
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model {name!r} (known: {', '.join(model_names())})")
+    return parse_model_config(_read_yaml(path), path)
+
+
+def parse_model_config(data: dict, source: Path | str) -> ModelConfig:
+    try:
+        w = data.get("weights")
+        weights = None
+        if w is not None:
+            keys = w.get("param_key", ["params_ema", "params"])
+            weights = WeightSpec(
+                file=w["file"], url=w.get("url"), sha256=w.get("sha256"),
+                param_keys=[keys] if isinstance(keys, str) else list(keys),
+                shipped=w.get("shipped"), license=w.get("license"),
+            )
+        return ModelConfig(
+            name=data["name"], backend=data.get("backend", data["name"]), kind=data.get("kind", "restorer"),
+            description=data.get("description", ""), arch=dict(data.get("arch") or {}), weights=weights,
+            defaults=dict(data.get("defaults") or {}), priority=int(data.get("priority", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: bad model card ({type(exc).__name__}: {exc})") from None
+
+
+def model_names(kind: Optional[str] = None) -> list[str]:
+    names = []
+    for path in sorted(MODELS_DIR.glob("*.yaml")):
+        if kind is None or _read_yaml(path).get("kind", "restorer") == kind:
+            names.append(path.stem)
+    return names
+
+
+def all_model_configs(kind: Optional[str] = None) -> list[ModelConfig]:
+    return [load_model_config(n) for n in model_names(kind)]
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset name from configs/presets/ or a path to a YAML file of CLI options."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(PRESETS_DIR.glob("*.yaml")))
+            raise ConfigError(f"no preset or config file {name_or_path!r} (presets: {known})")
+    return _read_yaml(path)

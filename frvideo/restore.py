@@ -1,0 +1,189 @@
+"""The restoration backend contract and the registry of backends.
+
+A backend turns aligned faces (B x 3 x S x S, RGB, [-1, 1], S = ``input_size``)
+into restored faces of the same shape. Backends built on a codebook expose the
+encode/decode split the temporal smoother needs (see DESIGN.md):
+
+* ``encode(faces, ctx) -> Encoded`` with ``scores``: B x N_tokens x K codebook
+  scores (higher = better: logits, or negative squared distances).
+* ``decode(encoded, tokens, ctx) -> faces`` from chosen token indices (B x N).
+* ``restore(faces, ctx)`` = decode(encode(...), argmax) for one-shot use.
+
+Backends without a codebook (GFPGAN, ``none``) set ``codebook_size = None`` and
+override ``restore`` only; the pipeline then skips token smoothing.
+
+Backends are found through the entry-point group ``frvideo.restorers`` (name ->
+``module:Class``); the built-ins live in ``plugins/`` and are registered in
+pyproject.toml. A model is a YAML file ``configs/models/<name>.yaml`` naming its
+backend, architecture arguments and weight file.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .errors import ConfigError, WeightsError
+from .models import ModelConfig
+
+ENTRY_POINT_GROUP = "frvideo.restorers"
+
+# Used when the package is run from a source tree without being installed
+# (entry points only exist for installed distributions).
+_BUILTIN_BACKENDS = {
+    "none": "plugins.none:NoneRestorer",
+}
+
+
+@dataclass
+class RestoreContext:
+    """Per-face side information for one batch (all lists have length B)."""
+
+    track_ids: list[int] = field(default_factory=list)
+    frame_indices: list[int] = field(default_factory=list)
+    fidelity: Optional[float] = None  # None: the model's own default
+    references: Optional[torch.Tensor] = None  # B x 3 x S x S, reference-based backends
+    noise_seeds: Optional[list[int]] = None  # stochastic backends: one seed per face (locked per track)
+
+    @classmethod
+    def single(cls, batch_size: int, fidelity: Optional[float] = None) -> "RestoreContext":
+        return cls(list(range(batch_size)), [0] * batch_size, fidelity)
+
+
+@dataclass
+class Encoded:
+    """What ``encode`` returns: codebook scores plus whatever ``decode`` needs."""
+
+    scores: torch.Tensor  # B x N_tokens x K, float
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Restorer:
+    """Base class of every backend. Wraps one ``torch.nn.Module`` (``self.net``)."""
+
+    name: ClassVar[str] = "?"
+    input_size: ClassVar[int] = 512
+    codebook_size: ClassVar[Optional[int]] = None  # K; None = no token interface
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, net: torch.nn.Module, config: ModelConfig):
+        self.net = net.eval()
+        self.config = config
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def build_network(cls, arch: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def from_checkpoint(cls, config: ModelConfig, weights: Optional[Path]) -> "Restorer":
+        net = cls.build_network(dict(config.arch))
+        if config.weights is not None:
+            if weights is None:
+                raise WeightsError(f"model {config.name!r} needs weights but none were resolved")
+            state = read_checkpoint(weights, config.weights.param_keys)
+            load_state_dict_strict(net, state, weights)
+        return cls(net, config)
+
+    # -- device / precision -----------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        p = next(self.net.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.net.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Restorer":
+        self.net.to(device=device, dtype=dtype)
+        return self
+
+    # -- the contract ---------------------------------------------------------
+    @property
+    def has_codebook(self) -> bool:
+        return self.codebook_size is not None
+
+    def encode(self, faces: torch.Tensor, ctx: RestoreContext) -> Encoded:
+        raise NotImplementedError(f"{self.name} has no codebook interface")
+
+    def decode(self, encoded: Encoded, tokens: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no codebook interface")
+
+    @torch.no_grad()
+    def restore(self, faces: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:
+        enc = self.encode(faces, ctx)
+        return self.decode(enc, enc.scores.argmax(-1), ctx)
+
+
+# -- checkpoints -------------------------------------------------------------------
+
+def read_checkpoint(path: Path, param_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Load a .pth file and pick the state dict the way the official loaders do.
+
+    ``param_keys`` is tried in order (e.g. ['params_ema', 'params']); a file that
+    is itself a flat state dict is accepted as is.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weight file not found: {path}") from None
+    except Exception as exc:  # corrupt zip, pickle error, truncated file
+        raise WeightsError(f"cannot read weight file {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(ckpt, dict):
+        raise WeightsError(f"{path} does not hold a state dict")
+    for key in param_keys:
+        if key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    raise WeightsError(
+        f"{path} has none of the entries {param_keys} (found: {', '.join(list(ckpt)[:5])})"
+    )
+
+
+def load_state_dict_strict(net: torch.nn.Module, state: dict, source: Path | str) -> None:
+    """Strict load with a one-line summary of what does not fit."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise WeightsError(f"{source} does not fit this architecture: " + "; ".join(parts))
+    net.load_state_dict(state, strict=True)
+
+
+# -- registry ----------------------------------------------------------------------
+
+def backend_entry_points() -> dict[str, str]:
+    """Backend name -> 'module:Class', from installed entry points and the built-ins."""
+    found = dict(_BUILTIN_BACKENDS)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def backend_class(backend: str) -> type[Restorer]:
+    target = backend_entry_points().get(backend)
+    if target is None:
+        known = ", ".join(sorted(backend_entry_points()))
+        raise ConfigError(f"unknown backend {backend!r} (known: {known})")
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, attr)
+    if not (isinstance(cls, type) and issubclass(cls, Restorer)):
+        raise ConfigError(f"entry point {backend!r} -> {target} is not a frvideo Restorer")
+    return cls

@@ -1,0 +1,1 @@
+"""Built-in restoration backends, one package each (registered as entry points)."""
