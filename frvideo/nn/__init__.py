@@ -1,0 +1,1 @@
+"""Layers shared by the backends (each written once, used by several plugins)."""
