@@ -187,3 +187,31 @@ def backend_class(backend: str) -> type[Restorer]:
     if not (isinstance(cls, type) and issubclass(cls, Restorer)):
         raise ConfigError(f"entry point {backend!r} -> {target} is not a frvideo Restorer")
     return cls
+
+
+def load_restorer(name: str, weights=None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Restorer:
+    """Build a backend from its model card, with resolved and verified weights."""
+    from .models import load_model_config
+    from .weights import resolve
+
+    config = load_model_config(name)
+    if config.kind != "restorer":
+        raise ConfigError(f"{name!r} is a {config.kind}, not a restoration model")
+    cls = backend_class(config.backend)
+    path = resolve(config, weights)
+    return cls.from_checkpoint(config, path).to(device, dtype)
+
+
+def auto_model_name() -> str:
+    """``--model auto``: the highest-priority restorer whose weights are installed."""
+    from .models import all_model_configs
+    from .weights import find_local, weights_dir
+
+    cards = sorted((c for c in all_model_configs("restorer") if c.weights is not None), key=lambda c: -c.priority)
+    for c in cards:
+        if find_local(c) is not None:
+            return c.name
+    files = ", ".join(c.weights.file for c in cards)
+    raise WeightsError(f"no restoration model weights found; put one of {files or '(none configured)'} in "
+                       f"{weights_dir()}/ (`frvideo models` says where to get them) or use --model none")

@@ -41,3 +41,31 @@ class FaceDetector:
     def detect_batch(self, images_rgb: list[np.ndarray]) -> list[Detections]:
         """Several frames at once; detectors that can batch override this."""
         return [self.detect(im) for im in images_rgb]
+
+
+def load_detector(name: str = "auto", weights=None, device: str = "cpu") -> FaceDetector:
+    """A detector by model-card name; ``auto`` = the highest-priority one whose weights are installed."""
+    from ..errors import ConfigError, WeightsError
+    from ..models import all_model_configs, load_model_config
+    from ..weights import find_local, resolve, weights_dir
+
+    if name == "auto":
+        cards = sorted(all_model_configs("detector"), key=lambda c: -c.priority)
+        present = [c for c in cards if find_local(c) is not None]
+        if not present:
+            files = ", ".join(c.weights.file for c in cards if c.weights)
+            raise WeightsError(f"no face detector weights found; put one of {files} in {weights_dir()}/ "
+                               f"(`frvideo models` lists where to get them)")
+        config = present[0]
+    else:
+        config = load_model_config(name)
+        if config.kind != "detector":
+            raise ConfigError(f"{name!r} is a {config.kind}, not a face detector")
+    path = resolve(config, weights)
+    if config.backend == "retinaface":
+        from .retinaface import RetinaFaceDetector
+        return RetinaFaceDetector(path, backbone=config.arch.get("backbone", "mobilenet0.25"), device=device)
+    if config.backend == "yunet":
+        from .yunet import YuNetDetector
+        return YuNetDetector(path)
+    raise ConfigError(f"detector card {config.name!r} names unknown backend {config.backend!r}")

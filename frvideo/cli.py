@@ -1,0 +1,224 @@
+"""Command line: ``frvideo IN OUT [options]``, ``frvideo models``, ``frvideo metrics``.
+
+Every user mistake ends as one line ``frvideo: error: ...`` and a documented
+exit code (see errors.py and the README); no traceback, no partial output.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import (EXIT_INTERRUPTED, EXIT_OK, ConfigError, FrvideoError, UsageError)
+
+SUBCOMMANDS = ("models", "metrics")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `frvideo --help`)")
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return v
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return v
+
+
+def _track_list(text: str) -> set[int]:
+    try:
+        return {int(t) for t in text.split(",") if t.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of track ids") from None
+
+
+def build_parser() -> _Parser:
+    p = _Parser(prog="frvideo", description="Restore faces in a video, streaming; "
+                "`frvideo models` lists models, `frvideo metrics REF OUT` measures flicker.")
+    p.add_argument("input", help="input video file, URL, or - for a y4m stream on stdin")
+    p.add_argument("output", help="output file (container from the extension), or - for y4m on stdout")
+    p.add_argument("--version", action="version", version=f"frvideo {__version__}")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="auto", help="restoration model (default auto: best with weights installed)")
+    g.add_argument("--weights", help="weight file for --model (overrides $FRVIDEO_HOME/weights)")
+    g.add_argument("--fidelity", type=_fraction, help="0 = quality .. 1 = fidelity (CodeFormer w, VQFR v2 ratio)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on GPU, fp32 on CPU")
+    g.add_argument("--batch-size", type=_positive, default=4, help="faces per model call (default 4)")
+    g = p.add_argument_group("faces")
+    g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet")
+    g.add_argument("--detector-weights", help="weight file for --detector")
+    g.add_argument("--min-face", type=int, default=24, help="skip faces smaller than this many pixels (default 24)")
+    g.add_argument("--only-largest", action="store_true", help="restore only the largest face of each frame")
+    g.add_argument("--tracks", type=_track_list, help="restore only these track ids (see --draw), e.g. 0,2")
+    g.add_argument("--draw", action="store_true", help="draw boxes, landmarks and track ids on the output")
+    g = p.add_argument_group("temporal")
+    g.add_argument("--temporal", default="tokens", choices=["off", "tokens"],
+                   help="codebook-token smoothing per track (default tokens)")
+    g.add_argument("--temporal-alpha", type=float, default=0.6, help="weight of the past in token smoothing")
+    g.add_argument("--temporal-margin", type=float, default=0.1, help="probability margin to switch a token")
+    g = p.add_argument_group("encoding")
+    g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...)")
+    g.add_argument("--crf", type=float, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
+    g.add_argument("--preset", help="encoder preset (default medium)")
+    g.add_argument("--pix-fmt", help="output pixel format (default: the input's, so bit depth is kept)")
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML file of options, or a preset name from configs/presets/")
+    g.add_argument("--ignore-damage", action="store_true",
+                   help="restore the readable part of a truncated or damaged input instead of stopping")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def _apply_config(parser: _Parser, argv: list[str]) -> argparse.Namespace:
+    """--config values become defaults; flags on the command line still win."""
+    from .models import load_preset
+
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        values = load_preset(first.config)
+        dests = {a.dest for a in parser._actions}
+        for key, value in values.items():
+            dest = str(key).replace("-", "_")
+            if dest not in dests or dest in ("input", "output", "config", "help", "version"):
+                raise ConfigError(f"{first.config}: unknown option {key!r}")
+            action = next(a for a in parser._actions if a.dest == dest)
+            if action.type is not None and value is not None and not isinstance(value, bool):
+                try:
+                    value = action.type(str(value) if not isinstance(value, list) else ",".join(map(str, value)))
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    raise ConfigError(f"{first.config}: bad value for {key!r}: {exc}") from None
+            if action.choices and value not in action.choices:
+                raise ConfigError(f"{first.config}: {key!r} must be one of {', '.join(action.choices)}")
+            parser.set_defaults(**{dest: value})
+    return parser.parse_args(argv)
+
+
+def _device_and_dtype(device: str, precision: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r} (auto, cpu, cuda, cuda:N)")
+    if precision == "auto":
+        precision = "fp16" if device.startswith("cuda") else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise UsageError("--precision fp16 needs a GPU; on CPU use fp32 or bf16")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return device, dtype
+
+
+def restore_command(argv: list[str]) -> int:
+    from .faces.detect import load_detector
+    from .io.reader import STDIO
+    from .io.writer import EncodeOptions, check_output_target
+    from .pipeline import PipelineOptions, run_file
+    from .restore import auto_model_name, load_restorer
+
+    args = _apply_config(build_parser(), argv)
+    if args.input != STDIO and args.output != STDIO and Path(args.output).exists() \
+            and Path(args.input).exists() and Path(args.output).resolve() == Path(args.input).resolve():
+        raise UsageError("output would overwrite the input; choose another output path")
+    if args.input != STDIO and not Path(args.input).exists() and "://" not in args.input:
+        from .errors import InputError
+        raise InputError(f"input not found: {args.input}")
+    check_output_target(args.output)
+    device, dtype = _device_and_dtype(args.device, args.precision)
+    model = auto_model_name() if args.model == "auto" else args.model
+    restorer = load_restorer(model, args.weights, device, dtype)
+    detector = load_detector(args.detector, args.detector_weights, device)
+    options = PipelineOptions(
+        batch_size=args.batch_size, fidelity=args.fidelity, min_face=args.min_face,
+        only_largest=args.only_largest, track_ids=args.tracks, draw=args.draw, temporal=args.temporal,
+        temporal_alpha=args.temporal_alpha, temporal_margin=args.temporal_margin, quiet=args.quiet,
+        allow_damaged=args.ignore_damage,
+        encode=EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt),
+    )
+    note = f"{model}/{detector.name} on {device}"
+    if not args.quiet:
+        print(f"frvideo: model {model}, detector {detector.name}, device {device} "
+              f"({str(dtype).replace('torch.', '')})", file=sys.stderr)
+    stats = run_file(args.input, args.output, restorer, detector, options, note)
+    if not args.quiet:
+        print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces), {stats.faces} faces "
+              f"in {stats.tracks} tracks, {stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def models_command(argv: list[str]) -> int:
+    from .models import all_model_configs, load_model_config
+    from .restore import backend_entry_points
+    from .weights import fetch_to, find_local, weights_dir
+
+    p = _Parser(prog="frvideo models", description="List models and their weights, or fetch weights.")
+    sub = p.add_subparsers(dest="action")
+    f = sub.add_parser("fetch", help="put a model's weights in DIR (to prepare an offline machine)")
+    f.add_argument("name")
+    f.add_argument("--dest", default=None, help=f"folder (default {weights_dir()})")
+    sub.add_parser("list", help="list models (default)")
+    args = p.parse_args(argv)
+    if args.action == "fetch":
+        config = load_model_config(args.name)
+        path = fetch_to(config, Path(args.dest) if args.dest else weights_dir())
+        print(f"{config.name}: {path}")
+        return EXIT_OK
+    backends = backend_entry_points()
+    print(f"weights folder: {weights_dir()}  (set $FRVIDEO_HOME to move it)")
+    for kind in ("restorer", "detector"):
+        print(f"\n{kind}s:")
+        for c in sorted(all_model_configs(kind), key=lambda c: -c.priority):
+            if kind == "restorer" and c.backend not in backends:
+                state = f"backend {c.backend!r} not installed"
+            elif c.weights is None:
+                state = "ready (no weights needed)"
+            elif (path := find_local(c)) is not None:
+                state = f"ready: {path}"
+            else:
+                state = f"missing {c.weights.file}: {c.weights.url or 'no public download'}"
+            print(f"  {c.name:<22} {state}")
+            if c.description:
+                print(f"  {'':<22} {c.description}")
+    return EXIT_OK
+
+
+def metrics_command(argv: list[str]) -> int:
+    from .metrics import metrics_main
+    return metrics_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return {"models": models_command, "metrics": metrics_command}[argv[0]](argv[1:])
+        return restore_command(argv)
+    except FrvideoError as exc:
+        print(f"frvideo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("frvideo: interrupted; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of our stdout went away (e.g. `| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
