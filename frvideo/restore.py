@@ -36,6 +36,8 @@ ENTRY_POINT_GROUP = "frvideo.restorers"
 # (entry points only exist for installed distributions).
 _BUILTIN_BACKENDS = {
     "none": "plugins.none:NoneRestorer",
+    "codeformer": "plugins.codeformer:CodeFormerRestorer",
+    "gfpgan": "plugins.gfpgan:GFPGANRestorer",
 }
 
 

@@ -22,13 +22,13 @@ def pattern(i: int, w: int, h: int) -> np.ndarray:
 
 def make_clip(path: Path, n: int = 12, size=(96, 64), pts=None, time_base=Fraction(1, 90000),
               rate=Fraction(25), pix_fmt="yuv420p", codec="libx264", audio: bool = False,
-              subtitles: bool = False, rotation: int = 0, frames=None) -> Path:
+              subtitles: bool = False, rotation: int = 0, frames=None, faststart: bool = False) -> Path:
     """``pts`` (in time_base units) gives VFR; default is a constant ``rate``."""
     w, h = size
     if pts is None:
         step = 1 / (rate * time_base)
         pts = [int(round(i * step)) for i in range(n)]
-    out = av.open(str(path), "w")
+    out = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else None)
     v = out.add_stream(codec, rate=rate)
     v.width, v.height, v.pix_fmt = w, h, pix_fmt
     v.time_base = time_base

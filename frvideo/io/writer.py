@@ -183,9 +183,8 @@ class VideoWriter:
             raise OutputError(f"the {self.ext} container cannot hold {codec} video ({exc})") from None
         cc = stream.codec_context
         cc.width, cc.height, cc.pix_fmt = info.width, info.height, self.pix_fmt
-        if not self.numbered:
-            stream.time_base = info.time_base
-            cc.time_base = info.time_base
+        self.frame_time_base = 1 / rate if self.numbered else info.time_base
+        stream.time_base = cc.time_base = self.frame_time_base
         if info.sample_aspect_ratio:
             cc.sample_aspect_ratio = info.sample_aspect_ratio
         cc.color_range, cc.colorspace = info.color_range, info.colorspace
@@ -216,7 +215,7 @@ class VideoWriter:
             frame.pts, frame.time_base = src.pts, src.time_base
         if self.numbered:
             frame.pts = self.count
-            frame.time_base = self.stream.codec_context.time_base
+            frame.time_base = self.frame_time_base
         else:
             if self.last_pts is not None and frame.pts <= self.last_pts:
                 frame.pts = self.last_pts + 1  # encoders need strictly increasing pts
