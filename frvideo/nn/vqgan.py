@@ -1,0 +1,212 @@
+"""VQGAN convolutional building blocks (the "taming transformers" family).
+
+CodeFormer's encoder and generator are made of these; other codebook backends
+(LD-BFR, ...) reuse them. Submodule names (``norm1``, ``conv1``, ``q``,
+``proj_out``, ``blocks.N`` ...) are part of the checkpoint format: keep them.
+
+All blocks work on B x C x H x W tensors. Channel counts given to ``Normalize``
+(and so to every block) must be divisible by ``groups`` (32 by default).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """The VQGAN normalisation: affine GroupNorm with eps 1e-6 (not torch's 1e-5)."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    # Written out rather than F.silu so results match the reference code bit for bit.
+    return x * torch.sigmoid(x)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, swish, 3x3 conv) twice.
+
+    When the channel count changes, the skip path goes through a 1x1 ``conv_out``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_out = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        skip = x if self.conv_out is None else self.conv_out(x)
+        return h + skip
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over all H*W positions, with a residual.
+
+    q, k, v and the output projection are 1x1 convolutions; scores are scaled by
+    1/sqrt(C).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q = self.q(y).reshape(b, c, h * w)
+        k = self.k(y).reshape(b, c, h * w)
+        v = self.v(y).reshape(b, c, h * w)
+        # attn[b, i, j]: how much position i attends to position j
+        attn = torch.softmax(torch.bmm(q.transpose(1, 2), k) * (int(c) ** -0.5), dim=2)
+        out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv; pads right/bottom only (asymmetric), as VQGAN does."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Encoder(nn.Module):
+    """Image (B x in_channels x R x R) -> latent (B x emb_dim x r x r), r = R / 2^(levels-1).
+
+    ``blocks`` layout: stem conv; per level (resolution R, R/2, ...): ``res_blocks``
+    ResBlocks (each followed by an AttnBlock at ``attn_resolutions``) and a
+    Downsample except after the last level; then ResBlock, AttnBlock, ResBlock,
+    GroupNorm and a 3x3 conv to ``emb_dim`` (no activation before it).
+
+    ``level_resblocks[res]`` lists the ``blocks`` indices of the ResBlocks of the
+    level at resolution ``res`` (not the bottleneck ones), for callers that tap
+    intermediate features with :meth:`features`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        nf: int = 64,
+        emb_dim: int = 256,
+        ch_mult: Sequence[int] = (1, 2, 2, 4, 4, 8),
+        res_blocks: int = 2,
+        resolution: int = 512,
+        attn_resolutions: Iterable[int] = (16,),
+    ):
+        super().__init__()
+        attn_resolutions = set(attn_resolutions)
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, nf, kernel_size=3, padding=1)]
+        self.level_resblocks: dict[int, list[int]] = {}
+        ch, res = nf, resolution
+        for level, mult in enumerate(ch_mult):
+            self.level_resblocks[res] = []
+            for _ in range(res_blocks):
+                self.level_resblocks[res].append(len(blocks))
+                blocks.append(ResBlock(ch, nf * mult))
+                ch = nf * mult
+                if res in attn_resolutions:
+                    blocks.append(AttnBlock(ch))
+            if level != len(ch_mult) - 1:
+                blocks.append(Downsample(ch))
+                res //= 2
+        blocks += [ResBlock(ch), AttnBlock(ch), ResBlock(ch)]
+        blocks += [Normalize(ch), nn.Conv2d(ch, emb_dim, kernel_size=3, padding=1)]
+        self.blocks = nn.ModuleList(blocks)
+        self.out_resolution = res
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def features(self, x: torch.Tensor, taps: Iterable[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The latent plus the outputs of the blocks whose indices are in ``taps``."""
+        taps = set(taps)
+        tapped = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in taps:
+                tapped[i] = x
+        return x, tapped
+
+
+class Generator(nn.Module):
+    """Latent (B x emb_dim x r x r) -> image (B x out_channels x R x R); mirror of :class:`Encoder`.
+
+    ``blocks`` layout: 3x3 conv from ``emb_dim``; ResBlock, AttnBlock, ResBlock;
+    per level from the coarsest up: ``res_blocks`` ResBlocks (each followed by an
+    AttnBlock at ``attn_resolutions``) and an Upsample except after the finest
+    level; GroupNorm and a 3x3 conv to ``out_channels``.
+
+    ``level_resblocks[res]`` as in :class:`Encoder`; ``forward``'s ``after_block``
+    hook (``(index, x) -> x``) lets a caller modify features between blocks.
+    """
+
+    def __init__(
+        self,
+        nf: int = 64,
+        emb_dim: int = 256,
+        ch_mult: Sequence[int] = (1, 2, 2, 4, 4, 8),
+        res_blocks: int = 2,
+        resolution: int = 512,
+        attn_resolutions: Iterable[int] = (16,),
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        attn_resolutions = set(attn_resolutions)
+        ch = nf * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        blocks: list[nn.Module] = [nn.Conv2d(emb_dim, ch, kernel_size=3, padding=1)]
+        blocks += [ResBlock(ch), AttnBlock(ch), ResBlock(ch)]
+        self.level_resblocks: dict[int, list[int]] = {}
+        for level in reversed(range(len(ch_mult))):
+            self.level_resblocks[res] = []
+            for _ in range(res_blocks):
+                self.level_resblocks[res].append(len(blocks))
+                blocks.append(ResBlock(ch, nf * ch_mult[level]))
+                ch = nf * ch_mult[level]
+                if res in attn_resolutions:
+                    blocks.append(AttnBlock(ch))
+            if level != 0:
+                blocks.append(Upsample(ch))
+                res *= 2
+        blocks += [Normalize(ch), nn.Conv2d(ch, out_channels, kernel_size=3, padding=1)]
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(
+        self, x: torch.Tensor, after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
+    ) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if after_block is not None:
+                x = after_block(i, x)
+        return x
