@@ -5,21 +5,16 @@ Numerical agreement with the official code is checked by test_parity.py
 that hold for any weights.
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-# `plugins` is imported from the source tree (the package may not be installed).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from frvideo.errors import ConfigError  # noqa: E402
-from frvideo.models import ModelConfig, load_model_config  # noqa: E402
-from frvideo.nn.stylegan2 import ModulatedConv2d, StyleGAN2Generator  # noqa: E402
-from frvideo.restore import RestoreContext  # noqa: E402
-from plugins.gfpgan import GFPGANRestorer  # noqa: E402
+from frvideo.errors import ConfigError
+from frvideo.models import ModelConfig, load_model_config
+from frvideo.nn.stylegan2 import ModulatedConv2d, StyleGAN2Generator
+from frvideo.restore import RestoreContext
+from plugins.gfpgan import GFPGANRestorer
 
 # Same structure as v1.4 (latent input, one latent per layer, half SFT), tiny widths:
 # decoder channels 32 (4..32 px) / 16 (64 px), U-Net half of that.
