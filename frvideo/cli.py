@@ -61,6 +61,8 @@ def build_parser() -> _Parser:
     g = p.add_argument_group("faces")
     g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet")
     g.add_argument("--detector-weights", help="weight file for --detector")
+    g.add_argument("--detect-size", type=int, help="shrink frames to this longer side for detection "
+                   "(default 640; 0 = full resolution, finds smaller faces, slower)")
     g.add_argument("--min-face", type=int, default=24, help="skip faces smaller than this many pixels (default 24)")
     g.add_argument("--only-largest", action="store_true", help="restore only the largest face of each frame")
     g.add_argument("--tracks", type=_track_list, help="restore only these track ids (see --draw), e.g. 0,2")
@@ -142,7 +144,7 @@ def restore_command(argv: list[str]) -> int:
     device, dtype = _device_and_dtype(args.device, args.precision)
     model = auto_model_name() if args.model == "auto" else args.model
     restorer = load_restorer(model, args.weights, device, dtype)
-    detector = load_detector(args.detector, args.detector_weights, device)
+    detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
     options = PipelineOptions(
         batch_size=args.batch_size, fidelity=args.fidelity, min_face=args.min_face,
         only_largest=args.only_largest, track_ids=args.tracks, draw=args.draw, temporal=args.temporal,

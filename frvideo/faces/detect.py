@@ -43,7 +43,7 @@ class FaceDetector:
         return [self.detect(im) for im in images_rgb]
 
 
-def load_detector(name: str = "auto", weights=None, device: str = "cpu") -> FaceDetector:
+def load_detector(name: str = "auto", weights=None, device: str = "cpu", max_size: int | None = None) -> FaceDetector:
     """A detector by model-card name; ``auto`` = the highest-priority one whose weights are installed."""
     from ..errors import ConfigError, WeightsError
     from ..models import all_model_configs, load_model_config
@@ -62,10 +62,17 @@ def load_detector(name: str = "auto", weights=None, device: str = "cpu") -> Face
         if config.kind != "detector":
             raise ConfigError(f"{name!r} is a {config.kind}, not a face detector")
     path = resolve(config, weights)
+    settings = dict(config.defaults)
+    if max_size is not None:
+        settings["max_size"] = max_size or None  # 0: full resolution
     if config.backend == "retinaface":
         from .retinaface import RetinaFaceDetector
-        return RetinaFaceDetector(path, backbone=config.arch.get("backbone", "mobilenet0.25"), device=device)
-    if config.backend == "yunet":
+        detector = RetinaFaceDetector(path, backbone=config.arch.get("backbone", "mobilenet0.25"), device=device,
+                                      **settings)
+    elif config.backend == "yunet":
         from .yunet import YuNetDetector
-        return YuNetDetector(path)
-    raise ConfigError(f"detector card {config.name!r} names unknown backend {config.backend!r}")
+        detector = YuNetDetector(path, **settings)
+    else:
+        raise ConfigError(f"detector card {config.name!r} names unknown backend {config.backend!r}")
+    detector.name = config.name
+    return detector
