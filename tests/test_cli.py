@@ -165,3 +165,10 @@ def test_y4m_pipe(tmp_path, home_with_detectors):
     out.write_bytes(proc.stdout)
     assert proc.stdout.startswith(b"YUV4MPEG2 W96 H64")
     assert len(video_summary(out)["times"]) == 8
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "presets").glob("*.yaml")))
+def test_shipped_presets_parse(preset):
+    from frvideo.cli import _apply_config, build_parser
+    args = _apply_config(build_parser(), ["in.mp4", "out.mp4", "--config", preset])
+    assert args.config == preset
