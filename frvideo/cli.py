@@ -72,6 +72,10 @@ def build_parser() -> _Parser:
                    help="codebook-token smoothing per track (default tokens)")
     g.add_argument("--temporal-alpha", type=float, default=0.6, help="weight of the past in token smoothing")
     g.add_argument("--temporal-margin", type=float, default=0.1, help="probability margin to switch a token")
+    g.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
+                   help="smooth landmarks per track so the aligned crop stays still (default on)")
+    g.add_argument("--lookahead", type=int, default=4,
+                   help="frames of look-ahead for landmark smoothing (default 4; 0 = causal, for live)")
     g = p.add_argument_group("encoding")
     g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...)")
     g.add_argument("--crf", type=float, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
@@ -149,7 +153,7 @@ def restore_command(argv: list[str]) -> int:
         batch_size=args.batch_size, fidelity=args.fidelity, min_face=args.min_face,
         only_largest=args.only_largest, track_ids=args.tracks, draw=args.draw, temporal=args.temporal,
         temporal_alpha=args.temporal_alpha, temporal_margin=args.temporal_margin, quiet=args.quiet,
-        allow_damaged=args.ignore_damage,
+        allow_damaged=args.ignore_damage, smooth_landmarks=args.smooth_landmarks, lookahead=args.lookahead,
         encode=EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt),
     )
     note = f"{model}/{detector.name} on {device}"

@@ -32,7 +32,7 @@ from .io import EncodeOptions, open_reader, open_writer
 from .io.frames import from_rgb, to_rgb, to_rgb8
 from .io.reader import STDIO, is_url
 from .restore import RestoreContext, Restorer
-from .temporal import TokenSmoother
+from .temporal import OneEuroLandmarks, TokenSmoother, centered_landmarks
 
 QUEUE_FRAMES = 8  # frames buffered between decode / main / encode threads
 
@@ -49,6 +49,8 @@ class PipelineOptions:
     temporal_alpha: float = 0.6
     temporal_margin: float = 0.1
     temporal_tau: float = 1.0
+    smooth_landmarks: bool = True
+    lookahead: int = 4  # frames of look-ahead for landmark smoothing; 0 = causal (live)
     quiet: bool = False
     allow_damaged: bool = False
     encode: EncodeOptions = field(default_factory=EncodeOptions)
@@ -68,6 +70,7 @@ class PendingFrame:
     index: int
     frame: av.VideoFrame
     rgb: Optional[np.ndarray] = None  # only for frames with faces
+    chosen: list[TrackedFace] = field(default_factory=list)  # faces to restore
     jobs: list[FaceJob] = field(default_factory=list)
     faces: list[TrackedFace] = field(default_factory=list)  # all tracked (for --draw)
 
@@ -179,7 +182,7 @@ def tensor_to_crops(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
 class FacePipeline:
     """Restores the faces of a stream of frames (any iterable of av.VideoFrame)."""
 
-    def __init__(self, restorer: Restorer, detector: FaceDetector, options: PipelineOptions):
+    def __init__(self, restorer: Restorer, detector: FaceDetector, options: PipelineOptions, fps: float = 25.0):
         self.restorer = restorer
         self.detector = detector
         self.opts = options
@@ -189,36 +192,65 @@ class FacePipeline:
         self.scene_cut = SceneCutDetector()
         self.smoother = TokenSmoother(options.temporal_alpha, options.temporal_margin, options.temporal_tau) \
             if options.temporal == "tokens" and restorer.has_codebook else None
+        self.lookahead = options.lookahead if options.smooth_landmarks else 0
+        self.one_euro = OneEuroLandmarks(fps) if options.smooth_landmarks and self.lookahead == 0 else None
+        self.history: dict[int, deque] = {}  # track id -> raw landmarks of the last frames
         self.stats = RunStats()
         self._track_ids: set[int] = set()
 
-    # one frame in: detection, tracking, alignment
-    def _prepare(self, index: int, frame: av.VideoFrame) -> PendingFrame:
+    # one frame in: detection and tracking
+    def _detect(self, index: int, frame: av.VideoFrame) -> PendingFrame:
         rgb = to_rgb(frame)
         rgb8 = to_rgb8(rgb)
         if self.scene_cut(rgb8):
             self.tracker.reset()
             if self.smoother is not None:
                 self.smoother.reset()
+            if self.one_euro is not None:
+                self.one_euro.reset()
         tracked = self.tracker.update(self.detector.detect(rgb8))
         chosen = select_faces(tracked, self.opts.min_face, self.opts.only_largest, self.opts.track_ids)
-        pending = PendingFrame(index, frame, faces=tracked)
+        pending = PendingFrame(index, frame, chosen=chosen, faces=tracked)
         if chosen or (self.opts.draw and tracked):
             pending.rgb = rgb
-        if chosen:
-            transforms = similarity_transforms(np.stack([f.landmarks for f in chosen]), self.size)
-            crops = warp_faces(rgb, transforms, self.size)
-            pending.jobs = [FaceJob(f, A, c, index) for f, A, c in zip(chosen, transforms, crops)]
-            self.stats.frames_with_faces += 1
-            self.stats.faces += len(chosen)
-            self._track_ids.update(f.track_id for f in chosen)
         return pending
+
+    def _smoothed_landmarks(self, face: TrackedFace, future: list[PendingFrame]) -> np.ndarray:
+        if self.one_euro is not None:
+            return self.one_euro(face.track_id, face.landmarks, face.new_track)
+        if self.lookahead == 0:
+            return face.landmarks
+        if face.new_track:
+            self.history.pop(face.track_id, None)
+        past = self.history.setdefault(face.track_id, deque(maxlen=self.lookahead))
+        ahead = [f.landmarks for p in future for f in p.faces if f.track_id == face.track_id and not f.new_track]
+        out = centered_landmarks(list(past), face.landmarks, ahead, sigma_frames=self.lookahead / 2)
+        past.append(face.landmarks)
+        return out
+
+    # alignment, once the look-ahead frames of this one are known
+    def _align(self, p: PendingFrame, future: list[PendingFrame]) -> None:
+        if not p.chosen:
+            return
+        landmarks = np.stack([self._smoothed_landmarks(f, future) for f in p.chosen])
+        transforms = similarity_transforms(landmarks, self.size)
+        crops = warp_faces(p.rgb, transforms, self.size)
+        p.jobs = [FaceJob(f, A, c, p.index) for f, A, c in zip(p.chosen, transforms, crops)]
+        self.stats.frames_with_faces += 1
+        self.stats.faces += len(p.chosen)
+        self._track_ids.update(f.track_id for f in p.chosen)
+        if len(self.history) > 4 * len(self.tracker.tracks) + 16:  # forget ended tracks
+            live = {t.id for t in self.tracker.tracks}
+            self.history = {k: v for k, v in self.history.items() if k in live}
 
     @torch.inference_mode()
     def _restore(self, jobs: list[FaceJob]) -> None:
         r = self.restorer
         faces = crops_to_tensor(np.stack([j.crop for j in jobs]), r.device, r.dtype)
-        ctx = RestoreContext([j.face.track_id for j in jobs], [j.frame_index for j in jobs], self.opts.fidelity)
+        tracks = [j.face.track_id for j in jobs]
+        # stochastic backends draw their noise from a per-track seed: a still face stays still
+        ctx = RestoreContext(tracks, [j.frame_index for j in jobs], self.opts.fidelity,
+                             noise_seeds=[1000003 * t + 12345 for t in tracks])
         if r.has_codebook:
             encoded = r.encode(faces, ctx)
             if self.smoother is not None:
@@ -242,14 +274,22 @@ class FacePipeline:
         return from_rgb(p.frame, rgb, rois)
 
     def process(self, frames, on_frame: Optional[Callable[[int], None]] = None) -> Iterator[av.VideoFrame]:
-        pending: deque[PendingFrame] = deque()
+        window: deque[PendingFrame] = deque()  # detected, waiting for look-ahead
+        pending: deque[PendingFrame] = deque()  # aligned, waiting for restoration
         waiting: list[FaceJob] = []
         start = time.perf_counter()
-        for index, frame in enumerate(frames):
-            p = self._prepare(index, frame)
-            pending.append(p)
-            waiting.extend(p.jobs)
-            if len(waiting) >= self.opts.batch_size:
+
+        def advance(flush: bool) -> Iterator[av.VideoFrame]:
+            nonlocal waiting
+            while window and (flush or len(window) > self.lookahead):
+                p = window.popleft()
+                self._align(p, list(window))
+                pending.append(p)
+                waiting.extend(p.jobs)
+                if len(waiting) >= self.opts.batch_size:
+                    self._restore(waiting)
+                    waiting = []
+            if flush and waiting:
                 self._restore(waiting)
                 waiting = []
             while pending and pending[0].ready:
@@ -257,13 +297,11 @@ class FacePipeline:
                 self.stats.frames += 1
                 if on_frame:
                     on_frame(self.stats.faces)
-        if waiting:
-            self._restore(waiting)
-        while pending:
-            yield self._finish(pending.popleft())
-            self.stats.frames += 1
-            if on_frame:
-                on_frame(self.stats.faces)
+
+        for index, frame in enumerate(frames):
+            window.append(self._detect(index, frame))
+            yield from advance(flush=False)
+        yield from advance(flush=True)
         self.stats.seconds = time.perf_counter() - start
         self.stats.tracks = len(self._track_ids)
 
@@ -289,7 +327,7 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
     reader = open_reader(source, options.allow_damaged)
     copy_from = source if source != STDIO and not is_url(source) else None
     writer = open_writer(target, reader.info, options.encode, copy_from=copy_from)
-    pipeline = FacePipeline(restorer, detector, options)
+    pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25))
     stop = threading.Event()
     total = reader.info.frames or None
     bar = tqdm(total=total, unit="frame", disable=options.quiet or target == STDIO and not sys.stderr.isatty(),
