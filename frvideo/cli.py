@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .errors import (EXIT_INTERRUPTED, EXIT_OK, ConfigError, FrvideoError, UsageError)
 
-SUBCOMMANDS = ("models", "metrics")
+SUBCOMMANDS = ("models", "metrics", "dataset", "train")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,8 +45,9 @@ def _track_list(text: str) -> set[int]:
 
 
 def build_parser() -> _Parser:
-    p = _Parser(prog="frvideo", description="Restore faces in a video, streaming; "
-                "`frvideo models` lists models, `frvideo metrics REF OUT` measures flicker.")
+    p = _Parser(prog="frvideo", description="Restore faces in a video, streaming. Other commands: "
+                "`frvideo models` (list/fetch weights), `frvideo metrics REF OUT` (flicker, PSNR/SSIM), "
+                "`frvideo dataset SRC... --out DIR` (face crops for training), `frvideo train CONFIG.yaml`.")
     p.add_argument("input", help="input video file, URL, or - for a y4m stream on stdin")
     p.add_argument("output", help="output file (container from the extension), or - for y4m on stdout")
     p.add_argument("--version", action="version", version=f"frvideo {__version__}")
@@ -208,11 +209,23 @@ def metrics_command(argv: list[str]) -> int:
     return metrics_main(argv)
 
 
+def dataset_command(argv: list[str]) -> int:
+    from .train.dataset import dataset_main
+    return dataset_main(argv)
+
+
+def train_command(argv: list[str]) -> int:
+    from .train.trainer import train_main
+    return train_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            return {"models": models_command, "metrics": metrics_command}[argv[0]](argv[1:])
+            commands = {"models": models_command, "metrics": metrics_command,
+                        "dataset": dataset_command, "train": train_command}
+            return commands[argv[0]](argv[1:])
         return restore_command(argv)
     except FrvideoError as exc:
         print(f"frvideo: error: {exc}", file=sys.stderr)
