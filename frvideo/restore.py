@@ -38,6 +38,7 @@ _BUILTIN_BACKENDS = {
     "none": "plugins.none:NoneRestorer",
     "codeformer": "plugins.codeformer:CodeFormerRestorer",
     "gfpgan": "plugins.gfpgan:GFPGANRestorer",
+    "vqfr": "plugins.vqfr:VQFRRestorer",
 }
 
 
