@@ -10,9 +10,7 @@ side. The two peaks must be within 10% of each other.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,16 +58,27 @@ def build_input(path: Path, seconds: float, size: int, fps: int = 25) -> int:
     return n
 
 
-def measure(cmd: list[str]) -> tuple[int, float]:
-    """Run cmd in a child process; return (its peak RSS in KiB, seconds)."""
-    code = ("import resource, subprocess, sys, time, json; t = time.time(); "
-            "rc = subprocess.run(sys.argv[1:]).returncode; "
-            "print(json.dumps([rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t]))")
-    res = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
-    rc, rss, secs = json.loads(res.stdout.strip().splitlines()[-1])
-    if rc != 0:
-        sys.exit(f"frvideo failed ({rc}): {res.stderr[-2000:]}")
-    return rss, secs
+def measure(cmd: list[str], samples: int = 8) -> tuple[int, float, list[int]]:
+    """Run cmd; return (peak RSS in KiB, seconds, RSS in KiB at evenly spaced moments)."""
+    t0 = time.time()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stderr=err)
+        trace = []
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                trace.append(int(next(line for line in lines if line.startswith("VmRSS")).split()[1]))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.5)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            sys.exit(f"frvideo failed: {err.read().decode()[-2000:]}")
+    picks = [trace[round(i * (len(trace) - 1) / (samples - 1))] for i in range(samples)] if trace else []
+    return usage.ru_maxrss, time.time() - t0, picks
 
 
 def main() -> None:
@@ -87,12 +96,12 @@ def main() -> None:
             frames = build_input(src, minutes * 60, args.size)
             cmd = [sys.executable, "-m", "frvideo", str(src), str(Path(tmp) / "out.mp4"), "--model", args.model,
                    "--detector", args.detector, "-q", *args.extra]
-            rss, secs = measure(cmd)
-            rows.append((minutes, frames, rss / 1024, frames / secs))
+            rss, secs, trace = measure(cmd)
+            rows.append((minutes, frames, rss / 1024, frames / secs, trace))
     print(f"model {args.model}, detector {args.detector}, {args.size}x{args.size} input\n")
-    print("| input | frames | peak RSS (MiB) | fps |\n|---|---|---|---|")
-    for minutes, frames, mib, fps in rows:
-        print(f"| {minutes:g} min | {frames} | {mib:.0f} | {fps:.1f} |")
+    print("| input | frames | peak RSS (MiB) | fps | RSS over the run (MiB, evenly spaced) |\n|---|---|---|---|---|")
+    for minutes, frames, mib, fps, trace in rows:
+        print(f"| {minutes:g} min | {frames} | {mib:.0f} | {fps:.1f} | {' '.join(str(k // 1024) for k in trace)} |")
     if len(rows) >= 2:
         ratio = rows[-1][2] / rows[0][2]
         print(f"\npeak RSS ratio {rows[-1][0]:g} min / {rows[0][0]:g} min = {ratio:.3f} "
