@@ -72,7 +72,8 @@ def build_parser() -> _Parser:
     g.add_argument("--temporal", default="tokens", choices=["off", "tokens"],
                    help="codebook-token smoothing per track (default tokens)")
     g.add_argument("--temporal-alpha", type=float, default=0.6, help="weight of the past in token smoothing")
-    g.add_argument("--temporal-margin", type=float, default=0.1, help="probability margin to switch a token")
+    g.add_argument("--temporal-margin", type=float, default=0.3,
+                   help="log-probability margin another token needs to replace the current one")
     g.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
                    help="smooth landmarks per track so the aligned crop stays still (default on)")
     g.add_argument("--lookahead", type=int, default=4,

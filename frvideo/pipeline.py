@@ -47,7 +47,7 @@ class PipelineOptions:
     draw: bool = False
     temporal: str = "tokens"
     temporal_alpha: float = 0.6
-    temporal_margin: float = 0.1
+    temporal_margin: float = 0.3
     temporal_tau: float = 1.0
     smooth_landmarks: bool = True
     lookahead: int = 4  # frames of look-ahead for landmark smoothing; 0 = causal (live)

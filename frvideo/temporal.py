@@ -3,7 +3,11 @@
 Per track and per token position, the codebook scores are turned into
 probabilities p_t = softmax(scores_t / tau) and averaged in time,
 q_t = normalize(alpha * q_{t-1} + (1 - alpha) * p_t). The previous token is kept
-unless another one beats it in q_t by ``margin`` (hysteresis), so a face whose
+unless another one beats it by ``margin`` in log q_t (hysteresis: the
+challenger must be exp(margin) times as probable; a log ratio rather than a
+probability difference, so it works the same for a peaked distribution and for
+a flat one over a large codebook, where a fixed probability gap would never be
+reached and the tokens would freeze), so a face whose
 evidence barely changes keeps exactly the same tokens - and decodes to the same
 pixels - from frame to frame. State resets on a new track or a scene cut.
 Encode and decode stay batched; only this cheap step runs in time order.
@@ -25,7 +29,7 @@ class _TrackState:
 
 
 class TokenSmoother:
-    def __init__(self, alpha: float = 0.6, margin: float = 0.1, tau: float = 1.0, max_tracks: int = 256):
+    def __init__(self, alpha: float = 0.6, margin: float = 0.3, tau: float = 1.0, max_tracks: int = 256):
         if not 0.0 <= alpha < 1.0:
             raise ValueError("temporal alpha must be in [0, 1)")
         if margin < 0:
@@ -62,8 +66,8 @@ class TokenSmoother:
                 q = self.alpha * state.q + (1.0 - self.alpha) * p
                 q = q / q.sum(-1, keepdim=True)
                 best = q.argmax(-1)
-                keep_score = q.gather(-1, state.tokens[:, None])[:, 0]
-                switch = q.gather(-1, best[:, None])[:, 0] - keep_score > self.margin
+                keep = q.gather(-1, state.tokens[:, None])[:, 0].clamp_min(1e-30)
+                switch = torch.log(q.gather(-1, best[:, None])[:, 0] / keep) > self.margin
                 tokens = torch.where(switch, best, state.tokens)
                 state.flips += int((tokens != state.tokens).sum())
                 state.q, state.tokens = q, tokens

@@ -1,0 +1,163 @@
+"""Temporal coherence benchmark: flicker with and without smoothing, fidelity held.
+
+For each clip of ../shared/media/videos/eval (first --frames frames): degrade it
+with the papers' degradation model drawn once per clip with a fixed seed (plus
+a real x264 pass), run the pipeline in memory under each configuration, and
+measure against the clean clip over the face regions (boxes detected on the
+clean clip, the same for every configuration):
+
+* TDC and E_warp (frvideo.metrics; flow on the clean clip), lower = steadier;
+* token flip rate: share of token positions that change between consecutive
+  frames of a track (what the decoder was actually given);
+* PSNR / SSIM of the restored frames against the clean clip.
+
+Configurations: per-frame (no smoothing), landmarks only, tokens only, both,
+plus any --alphas x --margins sweep of the token smoother.
+
+    python bench/temporal.py --model lite [--weights W] [--clips retalk_1 ...] [--frames 48]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from frvideo.faces.detect import load_detector
+from frvideo.io import open_reader
+from frvideo.io.frames import to_rgb
+from frvideo.metrics import FlickerMeter, QualityMeter, TokenFlipMeter, face_masks
+from frvideo.pipeline import FacePipeline, PipelineOptions
+from frvideo.restore import load_restorer
+from frvideo.train.degradation import Degradation
+
+SHARED = Path(os.environ.get("FRVIDEO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+class RecordingRestorer:
+    """Wraps a backend and records the tokens each face was decoded with."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.meter = TokenFlipMeter()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, encoded, tokens, ctx):
+        for tid, tok in zip(ctx.track_ids, tokens.cpu().numpy()):
+            self.meter.update(tid, tok)
+        return self.inner.decode(encoded, tokens, ctx)
+
+
+def read_clip(path: Path, frames: int) -> tuple[list[np.ndarray], float]:
+    reader = open_reader(str(path))
+    fps = float(reader.info.average_rate or 25)
+    out = []
+    for f in reader:
+        out.append(to_rgb(f))
+        if len(out) >= frames:
+            break
+    reader.close()
+    return out, fps
+
+
+def as_frames(images: list[np.ndarray], fps: float):
+    for i, img in enumerate(images):
+        f = av.VideoFrame.from_ndarray(img, format="rgb24")
+        f.pts, f.time_base = i, Fraction(1, round(fps))
+        yield f
+
+
+def run_config(restorer, detector, degraded, fps, opts: PipelineOptions):
+    rec = RecordingRestorer(restorer)
+    pipe = FacePipeline(rec, detector, opts, fps)
+    t = time.perf_counter()
+    out = [to_rgb(f) for f in pipe.process(as_frames(degraded, fps))]
+    return out, rec.meter.rate, time.perf_counter() - t, pipe.stats.faces
+
+
+def measure(clean, out, masks):
+    flicker, quality = FlickerMeter(warp=True), QualityMeter()
+    for c, o, m in zip(clean, out, masks):
+        flicker.update(c, o, m)
+        quality.update(c, o, m)
+    return {**flicker.result(), **quality.result()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--weights")
+    ap.add_argument("--detector", default="auto")
+    ap.add_argument("--clips", nargs="+", default=None, help="clip stems (default: all eval clips)")
+    ap.add_argument("--frames", type=int, default=48)
+    ap.add_argument("--preset", default="vqfr", help="degradation preset")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fidelity", type=float, default=None)
+    ap.add_argument("--alphas", type=float, nargs="*", default=[])
+    ap.add_argument("--margins", type=float, nargs="*", default=[])
+    ap.add_argument("--batch-size", type=int, default=4)
+    args = ap.parse_args()
+
+    clips = sorted((SHARED / "media" / "videos" / "eval").glob("*.mp4"))
+    if args.clips:
+        clips = [c for c in clips if c.stem in args.clips]
+    restorer = load_restorer(args.model, args.weights)
+    detector = load_detector(args.detector)
+    base = dict(batch_size=args.batch_size, fidelity=args.fidelity, quiet=True)
+    configs = {
+        "per-frame": PipelineOptions(temporal="off", smooth_landmarks=False, **base),
+        "landmarks": PipelineOptions(temporal="off", smooth_landmarks=True, **base),
+        "tokens": PipelineOptions(temporal="tokens", smooth_landmarks=False, **base),
+        "landmarks+tokens": PipelineOptions(temporal="tokens", smooth_landmarks=True, **base),
+    }
+    if not restorer.has_codebook:
+        configs = {k: v for k, v in configs.items() if "tokens" not in k}
+    for a in args.alphas:
+        for m in args.margins:
+            configs[f"both a={a:g} m={m:g}"] = PipelineOptions(temporal="tokens", smooth_landmarks=True,
+                                                              temporal_alpha=a, temporal_margin=m, **base)
+    rows: dict[str, list[dict]] = {name: [] for name in ["degraded input", *configs]}
+    deg = Degradation(args.preset, seed=args.seed)
+    print(f"model {args.model}, detector {detector.name}, preset {args.preset}, seed {args.seed}, "
+          f"{args.frames} frames per clip", file=sys.stderr)
+    for clip in clips:
+        clean, fps = read_clip(clip, args.frames)
+        degraded = deg.degrade_clip(clean, codec="libx264", fps=fps)
+        h, w = clean[0].shape[:2]
+        masks = face_masks([detector.detect(c).boxes for c in clean], h, w)
+        rows["degraded input"].append({**measure(clean, degraded, masks), "flip": float("nan"), "s_face": 0})
+        print(f"{clip.stem}: {deg.last_params}", file=sys.stderr)
+        for name, opts in configs.items():
+            out, flip, secs, faces = run_config(restorer, detector, degraded, fps, opts)
+            rows[name].append({**measure(clean, out, masks), "flip": flip, "s_face": secs / max(faces, 1)})
+            r = rows[name][-1]
+            print(f"  {name:<22} TDC {r['tdc'] * 1e4:.3f}e-4  Ewarp {r['warp_error'] * 1e4:.3f}e-4  "
+                  f"flip {flip:.4f}  PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.4f}", file=sys.stderr)
+
+    def mean(name, key):
+        vals = [r[key] for r in rows[name] if np.isfinite(r[key])]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    ref = "per-frame"
+    print(f"\n{len(clips)} clips x {args.frames} frames; means over clips; face regions; "
+          f"ratios vs {ref} (lower flicker is better)\n")
+    print("| config | TDC (1e-4) | E_warp (1e-4) | token flip rate | PSNR (dB) | SSIM | TDC ratio | E_warp ratio | "
+          "PSNR vs per-frame | s/face |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in rows:
+        tdc, ew = mean(name, "tdc"), mean(name, "warp_error")
+        print(f"| {name} | {tdc * 1e4:.3f} | {ew * 1e4:.3f} | {mean(name, 'flip'):.4f} | {mean(name, 'psnr'):.2f} | "
+              f"{mean(name, 'ssim'):.4f} | {tdc / mean(ref, 'tdc'):.2f} | {ew / mean(ref, 'warp_error'):.2f} | "
+              f"{mean(name, 'psnr') - mean(ref, 'psnr'):+.2f} | {mean(name, 's_face'):.2f} |")
+    print(f"\nE_warp of the clean clip itself (flow/lighting floor): {mean('degraded input', 'warp_error_ref') * 1e4:.3f}e-4")
+
+
+if __name__ == "__main__":
+    main()
