@@ -72,6 +72,9 @@ def load_detector(name: str = "auto", weights=None, device: str = "cpu", max_siz
     elif config.backend == "yunet":
         from .yunet import YuNetDetector
         detector = YuNetDetector(path, **settings)
+    elif config.backend == "embedded":
+        from .embedded import EmbeddedDetector
+        detector = EmbeddedDetector(path, device=device, **settings)
     else:
         raise ConfigError(f"detector card {config.name!r} names unknown backend {config.backend!r}")
     detector.name = config.name
