@@ -60,7 +60,7 @@ def build_parser() -> _Parser:
                    help="auto: fp16 on GPU, fp32 on CPU")
     g.add_argument("--batch-size", type=_positive, default=4, help="faces per model call (default 4)")
     g = p.add_argument_group("faces")
-    g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet")
+    g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet, embedded (built in)")
     g.add_argument("--detector-weights", help="weight file for --detector")
     g.add_argument("--detect-size", type=int, help="shrink frames to this longer side for detection "
                    "(default 640; 0 = full resolution, finds smaller faces, slower)")
