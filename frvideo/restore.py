@@ -39,6 +39,7 @@ _BUILTIN_BACKENDS = {
     "codeformer": "plugins.codeformer:CodeFormerRestorer",
     "gfpgan": "plugins.gfpgan:GFPGANRestorer",
     "vqfr": "plugins.vqfr:VQFRRestorer",
+    "lite": "plugins.lite:LiteRestorer",
 }
 
 

@@ -1,0 +1,60 @@
+"""The ``lite`` backend: frvideo's own small codebook restorer (CPU-friendly).
+
+Trained by this project with ``frvideo train`` (configs/train/lite_*.yaml;
+plugins/lite/RECIPE.md) and shipped as plugins/lite/weights/lite.pth, so the
+tool restores faces on an offline machine with no downloads. Faces are taken at
+``input_size`` (256). Scores are the token predictor's logits over the K-entry
+codebook for the latent grid (B x N x K, N = (256 / compression)^2); decode
+looks the chosen tokens up and runs the decoder, fusing the encoder features in
+with the fidelity weight ``w`` (``ctx.fidelity``, else the card's
+``defaults.fidelity``): 0 = the codebook prior alone, 1 = closest to the input.
+"""
+import torch
+
+from frvideo.restore import Encoded, RestoreContext, Restorer
+
+from .arch import LiteEncoding, LiteNet
+
+__all__ = ["LiteRestorer", "LiteNet"]
+
+
+class LiteRestorer(Restorer):
+    name = "lite"
+    input_size = 256
+    codebook_size = 512  # the shipped card's K (build_network checks the arch agrees)
+
+    @classmethod
+    def build_network(cls, arch: dict) -> torch.nn.Module:
+        return LiteNet(**arch)
+
+    @classmethod
+    def from_checkpoint(cls, config, weights):
+        restorer = super().from_checkpoint(config, weights)
+        k = restorer.net.codebook_size
+        if k != cls.codebook_size:  # a custom card with another K: report the real one
+            restorer.codebook_size = k
+        return restorer
+
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "LiteRestorer":
+        # NHWC: oneDNN runs these convs several times faster than NCHW on CPU
+        self.net.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        return self
+
+    def _fidelity(self, ctx: RestoreContext) -> float:
+        if ctx is not None and ctx.fidelity is not None:
+            return float(ctx.fidelity)
+        return float(self.config.defaults.get("fidelity", 1.0))
+
+    @torch.no_grad()
+    def encode(self, faces: torch.Tensor, ctx: RestoreContext) -> Encoded:
+        x = faces.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        enc = self.net.encode(x)
+        return Encoded(scores=enc.logits.float(),
+                       state={"lq_feat": enc.lq_feat, "skips": enc.skips, "image": enc.image})
+
+    @torch.no_grad()
+    def decode(self, encoded: Encoded, tokens: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:
+        state = encoded.state
+        enc = LiteEncoding(encoded.scores, state["lq_feat"], state["skips"], state.get("image"))
+        out = self.net.decode(tokens.to(self.device), enc, w=self._fidelity(ctx))
+        return out.clamp(-1, 1).contiguous()
