@@ -147,7 +147,7 @@ def read_checkpoint(path: Path, param_keys: list[str]) -> dict[str, torch.Tensor
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return ckpt
     raise WeightsError(
-        f"{path} has none of the entries {param_keys} (found: {', '.join(list(ckpt)[:5])})"
+        f"{path} has none of the entries {param_keys} (found: {', '.join(map(str, list(ckpt)[:5]))})"
     )
 
 

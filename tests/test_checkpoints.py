@@ -169,3 +169,14 @@ def test_model_cards_read_the_entries_the_official_loaders_read(card, keys):
     except ConfigError:
         pytest.skip(f"no model card {card!r}")
     assert config.weights is not None and config.weights.param_keys == keys
+
+
+def test_checkpoint_with_non_string_keys_is_a_weights_error(tmp_path):
+    import torch
+
+    from frvideo.errors import WeightsError
+    from frvideo.restore import read_checkpoint
+    f = tmp_path / "odd.pth"
+    torch.save({1: "x"}, f)
+    with pytest.raises(WeightsError):
+        read_checkpoint(f, ["params_ema"])

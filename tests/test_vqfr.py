@@ -185,3 +185,13 @@ def test_model_cards(name, folder):
     sd = net.state_dict()
     assert list(sd) == list(man["keys"])
     assert all(list(sd[k].shape) == v["shape"] for k, v in man["keys"].items())
+
+
+def test_code_distances_are_fp32_for_bf16_features():
+    from plugins.vqfr.blocks import nearest_code_scores
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 64, 4, 4, generator=g).bfloat16()
+    codes = torch.randn(256, 64, generator=g).bfloat16()
+    scores = nearest_code_scores(z, codes)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores.argmax(-1), nearest_code_scores(z.float(), codes.float()).argmax(-1))
