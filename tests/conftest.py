@@ -71,3 +71,13 @@ def home_with_detectors(frvideo_home):
         if (WEIGHTS / f).exists():
             (frvideo_home / "weights" / f).symlink_to(WEIGHTS / f)
     return frvideo_home
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-tensor tests on one torch thread, then restore the setting."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,12 +9,8 @@ from frvideo.nn.dcn import DCNv2Pack, modulated_deform_conv2d
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threading only adds overhead (a lot of it on a shared, busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny tensors: threading only adds overhead."""
 
 
 def _reference_dcn(x, offset, mask, weight, bias, pad=1):

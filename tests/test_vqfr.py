@@ -29,12 +29,8 @@ V1_ARCH = dict(
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threading only adds overhead (a lot of it on a shared, busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny tensors: threading only adds overhead."""
 
 
 def _make(arch, defaults=None, seed=0):

@@ -35,9 +35,11 @@ def crop_mask(size: int = 512, margin: float = 0.06, feather: float = 0.05) -> n
     return cv2.GaussianBlur(m, (k, k), sigma)
 
 
-def face_roi(transform: np.ndarray, size: int, frame_hw: tuple[int, int], pad: int = 2) -> tuple[int, int, int, int]:
+def face_roi(transform: np.ndarray, size: int, frame_hw: tuple[int, int], pad: int = 2,
+             inv: np.ndarray | None = None) -> tuple[int, int, int, int]:
     """Frame-space box (x0, y0, x1, y1) covered by the crop of ``transform``, clipped to the frame."""
-    inv = invert_affine(transform)
+    if inv is None:
+        inv = invert_affine(transform)
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
     pts = corners @ inv.T
     h, w = frame_hw
@@ -54,10 +56,10 @@ def paste_face(frame: np.ndarray, face: np.ndarray, transform: np.ndarray, mask:
     Returns the ROI that was touched, or None if the face lies outside the frame.
     """
     size = face.shape[0]
-    x0, y0, x1, y1 = face_roi(transform, size, frame.shape[:2])
+    inv = invert_affine(transform)
+    x0, y0, x1, y1 = face_roi(transform, size, frame.shape[:2], inv=inv)
     if x1 <= x0 or y1 <= y0:
         return None
-    inv = invert_affine(transform)
     inv[:, 2] -= (x0, y0)  # warp straight into the ROI, not the whole frame
     roi_size = (x1 - x0, y1 - y0)
     warped = cv2.warpAffine(face, inv, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
