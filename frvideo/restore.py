@@ -73,6 +73,9 @@ class Restorer:
     input_size: ClassVar[int] = 512
     codebook_size: ClassVar[Optional[int]] = None  # K; None = no token interface
     needs_reference: ClassVar[bool] = False
+    # training stages the backend implements itself (``frvideo train`` with ``stage: NAME``):
+    # NAME -> 'module:Class' (see frvideo.train.trainer.backend_stages)
+    train_stages: ClassVar[dict[str, str]] = {}
 
     def __init__(self, net: torch.nn.Module, config: ModelConfig):
         self.net = net.eval()

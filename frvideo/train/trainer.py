@@ -95,8 +95,9 @@ DEFAULTS: dict[str, Any] = {
     "init_from": None,  # restoration: a codebook run's last.pth (its EMA weights are loaded)
     "teacher_from": None,  # restoration: checkpoint whose encoder gives the target tokens (default: init_from)
     "vgg_weights": None,  # a torchvision/BasicSR VGG state dict; enables loss.perceptual
+    "plugin": {},  # settings of a backend's own stages (``train_stages``), checked by that trainer
 }
-_FREE_KEYS = {("model", "arch")}  # dicts whose keys are not checked
+_FREE_KEYS = {("model", "arch"), ("plugin",)}  # dicts whose keys are not checked
 
 
 # --------------------------------------------------------------------------- config
@@ -163,10 +164,11 @@ def _validate(cfg: dict, source: str) -> None:
     def bad(msg):
         raise ConfigError(f"{source}: {msg}")
 
-    if cfg["stage"] not in ("codebook", "restoration"):
-        bad(f"stage must be 'codebook' or 'restoration', not {cfg['stage']!r}")
     if not cfg["model"]["card"] and not cfg["model"]["backend"]:
         bad("model.card (a model card name) or model.backend is required")
+    stages = ("codebook", "restoration", *backend_stages(cfg))
+    if cfg["stage"] not in stages:
+        bad(f"stage must be one of {', '.join(stages)}, not {cfg['stage']!r}")
     d, t = cfg["data"], cfg["train"]
     if not d["root"] and not d["synthetic"]:
         bad("data.root is required (a `frvideo dataset` folder)")
@@ -189,6 +191,8 @@ def _validate(cfg: dict, source: str) -> None:
         bad(f"train.fidelity_range must be within [0, 1], not {t['fidelity_range']!r}")
     if cfg["loss"]["perceptual"] and not cfg["vgg_weights"]:
         bad("loss.perceptual > 0 needs vgg_weights (a VGG state dict file)")
+    if cfg["stage"] not in ("codebook", "restoration"):
+        return  # a backend's own stage: its trainer checks the rest
     if cfg["stage"] == "restoration" and not cfg["init_from"]:
         bad("the restoration stage needs init_from (the codebook run's last.pth)")
     if cfg["loss"]["gan_type"] not in ("hinge", "nsgan", "non-saturating", "vanilla"):
@@ -219,6 +223,28 @@ def _network_class(backend: str):
             if isinstance(obj, type) and issubclass(obj, Restorer) and getattr(obj, "name", None) == backend:
                 return obj
         raise exc from None
+
+
+def _config_backend(cfg: dict) -> str:
+    from ..models import load_model_config
+    return cfg["model"]["backend"] or load_model_config(cfg["model"]["card"]).backend
+
+
+def backend_stages(cfg: dict) -> dict[str, str]:
+    """Training stages a backend brings itself: its Restorer's ``train_stages``
+    (stage name -> 'module:Class' of a trainer with this module's interface:
+    ``Cls(cfg, output, fresh=, quiet=)``, ``.run(until)``, ``.out``, ``.step``, and a
+    ``last.pth`` holding ``params_ema`` for ``--export``)."""
+    return dict(getattr(_network_class(_config_backend(cfg)), "train_stages", None) or {})
+
+
+def trainer_class(cfg: dict) -> type:
+    """The trainer for ``cfg['stage']``: :class:`Trainer` or the backend's own."""
+    target = backend_stages(cfg).get(cfg["stage"])
+    if target is None:
+        return Trainer
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def build_model(cfg: dict) -> tuple[torch.nn.Module, dict, str]:
@@ -985,7 +1011,7 @@ def train_main(argv: list[str]) -> int:
         size = Path(args.export).stat().st_size
         print(f"wrote {args.export} ({size / 1e6:.1f} MB, sha256 {digest})")
         return 0
-    trainer = Trainer(cfg, output, fresh=args.fresh, quiet=args.quiet)
+    trainer = trainer_class(cfg)(cfg, output, fresh=args.fresh, quiet=args.quiet)
     try:
         final = trainer.run(until=args.stop_at)
     except KeyboardInterrupt:
