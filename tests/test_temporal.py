@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from frvideo.faces.align import FFHQ_TEMPLATE_512
-from frvideo.temporal import OneEuroLandmarks, TokenSmoother, centered_landmarks
+from frvideo.temporal import FaceFilter, OneEuroLandmarks, TokenSmoother, centered_landmarks
 
 
 def noisy_scores(T, N=64, K=32, seed=0, gap=0.5, noise=1.0):
@@ -109,3 +109,74 @@ def test_flat_distribution_over_a_large_codebook_still_switches():
     s = TokenSmoother(alpha=0.6, margin=0.3)
     tokens = [s.choose(x, [0], [i == 0])[0] for i, x in enumerate([a] * 3 + [b] * 6)]
     assert (tokens[2] == 3).all() and (tokens[-1] == 9).all()
+
+
+# -- restored-face filter --------------------------------------------------------------
+
+def _face_sequence(T, noise, seed=0, size=64):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 3, size, size, generator=g) * 1.6 - 0.8
+    base = torch.nn.functional.avg_pool2d(base, 5, 1, 2)  # smooth "face" content
+    return base, [base + noise * torch.randn(base.shape, generator=g) for _ in range(T)]
+
+
+def _filter(f, seq, track=0):
+    return [f(x, [track], [t == 0]) for t, x in enumerate(seq)]
+
+
+def test_face_filter_averages_noise_on_a_still_face():
+    # iid noise on a still face: a recursive filter with weight s leaves (1 - s) / (1 + s) of
+    # the noise variance (0.25 at s = 0.6) where it does not let go
+    base, seq = _face_sequence(40, noise=0.02)
+    out = _filter(FaceFilter(strength=0.6, threshold=0.05), seq)
+    var_in = torch.stack([x - base for x in seq[10:]]).var().item()
+    var_out = torch.stack([x - base for x in out[10:]]).var().item()
+    assert 0.2 < var_out / var_in < 0.35
+    # frame-to-frame change (what flicker metrics see) drops even more
+    d_in = torch.stack([b - a for a, b in zip(seq[10:], seq[11:])]).pow(2).mean().item()
+    d_out = torch.stack([b - a for a, b in zip(out[10:], out[11:])]).pow(2).mean().item()
+    assert d_out < 0.25 * d_in
+
+
+def test_face_filter_follows_a_real_change_at_once():
+    base, seq = _face_sequence(12, noise=0.01)
+    changed = base.clone()
+    changed[..., 20:44, 20:44] += 0.5  # a mouth opens: far above the threshold
+    seq[8:] = [changed + (x - base) for x in seq[8:]]
+    out = _filter(FaceFilter(strength=0.8, threshold=0.05), seq)
+    region = (..., slice(24, 40), slice(24, 40))
+    assert (out[8][region] - seq[8][region]).abs().max() < 0.01  # no ghost of the closed mouth
+    # and where nothing changed, the filter keeps averaging
+    assert (out[8][..., :8, :8] - seq[8][..., :8, :8]).abs().mean() > 0.002
+
+
+def test_face_filter_tracks_are_independent_and_reset():
+    _, a = _face_sequence(3, noise=0.0, seed=1)
+    _, b = _face_sequence(3, noise=0.0, seed=2)
+    f = FaceFilter(strength=0.9, threshold=10.0)  # threshold so high that it always averages
+    f(a[0], [1], [True])
+    out_b = f(b[0], [2], [True])
+    assert torch.equal(out_b, b[0])  # a new track starts from its own face
+    assert torch.allclose(f(a[1], [1], [False]), a[0] * 0.9 + a[1] * 0.1, atol=1e-6)
+    assert torch.equal(f(b[1], [2], [True]), b[1])  # new_track: no memory of the old one
+    f.reset()
+    assert torch.equal(f(a[2], [1], [False]), a[2])
+    assert torch.equal(FaceFilter(strength=0.0)(a[0], [1], [False]), a[0])
+
+
+def test_face_filter_compensates_motion():
+    # a textured face drifting 1-2 px per frame under noise: warped by optical flow, the
+    # past still averages the noise away; without the warp it would ghost (worse than no filter)
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 128, 128, generator=g), 7, 1, 3)
+    base = (base - base.mean()) / base.std() * 0.4
+    clean = [torch.roll(base, shifts=(t, 2 * t), dims=(2, 3)) for t in range(16)]
+    seq = [c + 0.03 * torch.randn(c.shape, generator=g) for c in clean]
+
+    def error(frames):  # vs the clean face, away from the wrap-around border of roll
+        return torch.stack([(a - c)[..., 8:-8, 8:-8].pow(2).mean() for a, c in zip(frames[5:], clean[5:])]).mean()
+
+    compensated = _filter(FaceFilter(strength=0.6, threshold=0.05), seq)
+    uncompensated = _filter(FaceFilter(strength=0.6, threshold=0.05, motion_compensation=False), seq)
+    assert error(compensated) < 0.5 * error(seq)
+    assert error(uncompensated) > error(seq)
