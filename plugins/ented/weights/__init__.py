@@ -1,0 +1,1 @@
+"""The shipped ented checkpoint (ented.pth); a package so wheels carry it (see ../RECIPE.md)."""
