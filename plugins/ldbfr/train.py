@@ -1,0 +1,531 @@
+"""LD-BFR's three training stages, run by ``frvideo train CFG`` (``stage:`` below).
+
+The paper's recipe (Sec. 3.4), on this project's data and first stage
+(plugins/ldbfr/arch.py: one lite VQ autoencoder for DC-VQR and the diffusion):
+
+* ``ldbfr-dcvqr`` (:class:`DCVQRStage`): E_LQ + DCAM on degraded/clean pairs;
+  L = ||f_HQ - E_HQ(x_HQ)||^2 + lambda ||D(f_HQ) - x_HQ||^2 (``plugin.feat_mse``,
+  ``plugin.pixel_mse``) + ``plugin.fetch_mse`` ||f_LQ - q(E_HQ(x_HQ))||^2, an
+  addition that keeps f_LQ in the codebook's space so the nearest-code fetch
+  (and the token scores the smoother sees) stays meaningful. Codebook,
+  E_HQ and the decoder are frozen. Initialised from plugins/lite: the stage-1
+  (codebook) run for E_HQ / L_HQ / decoder (``plugin.lite_codebook``) and
+  E_LQ from lite's restoration encoder (``plugin.lite_lq_encoder``).
+* ``ldbfr-unet`` (:class:`UNetStage`): the unconditional eps-UNet on the clean
+  latents E_HQ(x) (all training crops + their mirror images, encoded once and
+  normalised per channel: the statistics become the net's ``latent_mean`` /
+  ``latent_std``); L = ||eps - eps_theta(z_t, t)||^2.
+* ``ldbfr-hqi`` (:class:`HQIStage`): only E-HQI / D-HQI train (the base UNet and
+  everything else frozen); L = ||eps - eps_theta(z_t, f_HQ, t)||^2 with f_HQ =
+  DC-VQR(x_LQ) from a pool of ``plugin.pool_per_image`` degraded copies per
+  training crop (computed once with the DC-VQR stage's EMA weights: a CPU
+  cannot afford the DC-VQR forward for every sample of every step).
+  ``init_from`` = the UNet run, ``plugin.dcvqr_from`` = the DC-VQR run (the two
+  are independent and may run side by side).
+
+Each stage writes OUTPUT/last.pth (``params``, ``params_ema`` - the whole
+network, so ``frvideo train CFG --export OUT.pth`` gives a self-contained
+checkpoint -, optimizer, step, history, evals), eval.jsonl, train_log.jsonl,
+loss_curve.png and config.yaml; running the command again resumes. All
+randomness of step s comes from generators seeded with (seed, s).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from frvideo.errors import ConfigError, InputError
+from frvideo.train.trainer import Trainer, _atomic_save, _resolve_device, open_data, plot_curves, to_tensor, to_uint8
+
+from .arch import LDBFRNet
+
+__all__ = ["DCVQRStage", "UNetStage", "HQIStage", "PLUGIN_DEFAULTS"]
+
+PLUGIN_DEFAULTS: dict[str, Any] = {
+    # initialisation
+    "lite_codebook": None,  # lite stage-1 run (last.pth or export): E_HQ, L_HQ, decoder
+    "lite_lq_encoder": None,  # a lite restorer checkpoint whose encoder starts E_LQ (e.g. plugins/lite/weights/lite.pth)
+    "dcvqr_from": None,  # ldbfr-hqi: the ldbfr-dcvqr run (E_LQ, DCAM)
+    "allow_random_init": False,  # tests only: train a stage without its predecessors' weights
+    # ldbfr-dcvqr losses
+    "feat_mse": 1.0,
+    "pixel_mse": 10.0,
+    "fetch_mse": 0.25,
+    # ldbfr-hqi
+    "pool_per_image": 2,
+    "eval_steps": [4],  # DDIM steps of the eval samples
+    "eval_seed": 7,  # noise seed of the eval samples (face j: eval_seed + j)
+    "encode_batch": 16,
+}
+
+
+def _plugin_cfg(cfg: dict) -> dict:
+    p = dict(PLUGIN_DEFAULTS)
+    for k, v in (cfg.get("plugin") or {}).items():
+        if k not in PLUGIN_DEFAULTS:
+            raise ConfigError(f"unknown key 'plugin.{k}' for the LD-BFR stages (known: {', '.join(PLUGIN_DEFAULTS)})")
+        p[k] = v
+    return p
+
+
+def _read_state(path, what: str) -> dict:
+    from frvideo.restore import read_checkpoint
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"{what}: {path} not found")
+    return read_checkpoint(p, ["params_ema", "params"])
+
+
+def _load_prefixed(module: torch.nn.Module, state: dict, src_prefix: str, source: str,
+                   optional: tuple[str, ...] = ()) -> None:
+    """Load ``state[src_prefix + k]`` into ``module`` (strict, but keys starting with one of
+    ``optional`` may be missing: they keep their initialisation)."""
+    from frvideo.restore import load_state_dict_strict
+    sub = {k[len(src_prefix):]: v for k, v in state.items() if k.startswith(src_prefix)}
+    own = module.state_dict()
+    for k in own:
+        if k not in sub and k.startswith(optional):
+            sub[k] = own[k]
+    load_state_dict_strict(module, sub, source)
+
+
+class _Stage:
+    """Shared machinery: network from the card, init, freezing, Adam + EMA, cosine lr,
+    checkpoints/resume, logs and the training loop."""
+
+    stage = "?"
+
+    def __init__(self, cfg: dict, output: Optional[str | Path] = None, fresh: bool = False, quiet: bool = False):
+        from frvideo.models import load_model_config
+        self.cfg, self.quiet = cfg, quiet
+        self.p = _plugin_cfg(cfg)
+        t = cfg["train"]
+        self.seed = int(t["seed"])
+        self.out = Path(output or cfg["output"]).expanduser()
+        if t["threads"]:
+            torch.set_num_threads(int(t["threads"]))
+        self.device = _resolve_device(str(t["device"]))
+        torch.manual_seed(self.seed)
+        m = cfg["model"]
+        self.arch = dict(load_model_config(m["card"]).arch) if m["card"] else {}
+        self.arch.update(m["arch"] or {})
+        try:
+            self.net = LDBFRNet(**self.arch)
+        except TypeError as exc:
+            raise ConfigError(f"model arch does not fit backend 'ldbfr': {exc}") from None
+        self.init_weights()
+        self.net.to(self.device)
+        self.net.requires_grad_(False)
+        self.params = self.trainable()
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.step = 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.train_images, self.eval_images = open_data(cfg)
+        if len(self.train_images) == 0 or len(self.eval_images) == 0:
+            raise InputError("the training or the eval set is empty")
+        n = len(self.eval_images)
+        k = min(int(cfg["data"]["eval_count"]), n)
+        self.eval_idx = [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+        self.eval_hq = [self.eval_images[i] for i in self.eval_idx]
+        from frvideo.train.degradation import Degradation
+        preset, eseed = cfg["degradation"]["preset"], int(cfg["degradation"]["eval_seed"])
+        self.eval_lq = [Degradation(preset, seed=[eseed, j]).apply(img) for j, img in enumerate(self.eval_hq)]
+        self.out.mkdir(parents=True, exist_ok=True)
+        last = self.out / "last.pth"
+        if last.is_file() and not fresh:
+            self._resume(last)
+        self.prepare()
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    # -- what a stage defines -------------------------------------------------------------
+    def init_weights(self) -> None:
+        raise NotImplementedError
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Precomputation after init/resume (latents, pools)."""
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _need(self, key: str, what: str):
+        if self.p[key]:
+            return self.p[key]
+        if self.p["allow_random_init"]:
+            return None
+        raise ConfigError(f"stage {self.stage} needs plugin.{key} ({what})")
+
+    def _init_from_lite(self) -> None:
+        path = self._need("lite_codebook", "the lite stage-1 codebook run, e.g. /tmp/lite_runs/codebook/last.pth")
+        if path:
+            state = _read_state(path, "plugin.lite_codebook")
+            _load_prefixed(self.net.hq_encoder, state, "encoder.", path)
+            _load_prefixed(self.net.quantize, state, "quantize.", path)
+            # stage-1 lite runs predate the decoder's fidelity gate (zero-init, unused here)
+            _load_prefixed(self.net.decoder, state, "decoder.", path, optional=("gate.",))
+
+    def _init_from_run(self, key: str, path, modules: Optional[list[str]] = None) -> None:
+        """Load an earlier LD-BFR run's EMA weights (all of them, or the named modules)."""
+        from frvideo.restore import load_state_dict_strict
+        state = _read_state(path, key)
+        if modules is None:
+            # cond_var is measured by the HQI stage itself (runs made before it existed lack it)
+            own = self.net.state_dict()
+            load_state_dict_strict(self.net, {**({"cond_var": own["cond_var"]} if "cond_var" not in state else {}),
+                                              **state}, path)
+            return
+        for name in modules:
+            _load_prefixed(getattr(self.net, name), state, name + ".", path)
+
+    def lr_at(self, step: int) -> float:
+        return Trainer.lr_at(self, step)  # same warm-up + cosine schedule as the toolkit's trainer
+
+    def _rng(self) -> tuple[np.random.Generator, torch.Generator]:
+        rng = np.random.default_rng([self.seed, self.step])
+        return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+    def _optimize(self, loss: torch.Tensor) -> None:
+        lr = self.lr_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg["train"]["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg["train"]["grad_clip"]))
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(float(self.cfg["train"]["ema_decay"]), (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+            if p.requires_grad:
+                pe.lerp_(p.detach(), 1 - decay)
+            else:
+                pe.copy_(p.detach())
+        for be, b in zip(self.ema.buffers(), self.net.buffers()):
+            be.copy_(b)
+
+    def _eval_psnr(self, outs: list[np.ndarray]) -> tuple[float, float]:
+        from frvideo.metrics import psnr, ssim
+        return (float(np.mean([psnr(h, o) for h, o in zip(self.eval_hq, outs)])),
+                float(np.mean([ssim(h, o) for h, o in zip(self.eval_hq, outs)])))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"params": self.net.state_dict(), "params_ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
+                "evals": self.evals, "config": self.cfg, "arch": self.arch, "backend": "ldbfr", "stage": self.stage}
+
+    def save(self) -> Path:
+        path = self.out / "last.pth"
+        _atomic_save(self.state(), path)
+        for name, rows in (("train_log.jsonl", self.history), ("eval.jsonl", self.evals)):
+            tmp = self.out / (name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.out / name)
+        if self.history or self.evals:
+            plot_curves(self.out / "loss_curve.png", self.history, self.evals)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if ck.get("stage") != self.stage or ck.get("arch") != self.arch:
+            raise ConfigError(f"{path} is from another run (stage/arch differ); use another output or --fresh")
+        self.net.load_state_dict(ck["params"])
+        self.ema.load_state_dict(ck["params_ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.step = int(ck["step"])
+        self.history, self.evals = list(ck["history"]), list(ck["evals"])
+        if not self.quiet:
+            print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self, until: Optional[int] = None) -> dict:
+        from tqdm import tqdm
+        t = self.cfg["train"]
+        total = int(t["steps"])
+        stop = total if until is None else min(total, until)
+        acc: dict[str, list[float]] = {}
+        t0 = time.time()
+        bar = tqdm(total=total, initial=self.step, desc=f"train {self.stage}", unit="step", disable=self.quiet,
+                   dynamic_ncols=True)
+        try:
+            while self.step < stop:
+                self.net.train()
+                for k, v in self.train_step().items():
+                    acc.setdefault(k, []).append(v)
+                bar.update(1)
+                if self.step % t["log_every"] == 0 or self.step == stop:
+                    row = {"step": self.step, **{k: float(np.mean(v)) for k, v in acc.items()},
+                           "time": round(time.time() - t0, 2)}
+                    self.history.append(row)
+                    acc.clear()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if self.step % t["eval_every"] == 0 or self.step == total:
+                    ev = self.evaluate()
+                    self.evals.append(ev)
+                    if not self.quiet:
+                        bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in ev.items()))
+                if self.step % t["save_every"] == 0 or self.step == stop:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            print(f"interrupted at step {self.step}; saved {self.out / 'last.pth'} (run again to resume)",
+                  file=sys.stderr)
+            raise
+        bar.close()
+        return self.evals[-1] if self.evals else {}
+
+    # -- data ----------------------------------------------------------------------------------
+    def _pairs(self, rng: np.random.Generator, count: int, crop: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` (clean, degraded) training crops: random image, degradation, crop, flip."""
+        from frvideo.train.degradation import Degradation
+        d = self.cfg["data"]
+        hq, lq = [], []
+        for i in rng.integers(0, len(self.train_images), count):
+            img = self.train_images[int(i)]
+            low = Degradation(self.cfg["degradation"]["preset"], seed=int(rng.integers(2**63))).apply(img)
+            c = crop or d["size"]
+            y, x = (int(rng.integers(0, (d["size"] - c) // 16 + 1)) * 16 for _ in range(2))  # on the token grid
+            h, l_ = img[y:y + c, x:x + c], low[y:y + c, x:x + c]
+            if d["flip"] and rng.random() < 0.5:
+                h, l_ = h[:, ::-1], l_[:, ::-1]
+            hq.append(np.ascontiguousarray(h))
+            lq.append(np.ascontiguousarray(l_))
+        return to_tensor(hq, self.device), to_tensor(lq, self.device)
+
+
+class DCVQRStage(_Stage):
+    """Stage 1 of LD-BFR: E_LQ + DCAM (see the module docstring)."""
+
+    stage = "ldbfr-dcvqr"
+
+    def init_weights(self) -> None:
+        self._init_from_lite()
+        path = self.p["lite_lq_encoder"]
+        if path:
+            _load_prefixed(self.net.lq_encoder, _read_state(path, "plugin.lite_lq_encoder"), "encoder.", path)
+        elif self.p["lite_codebook"]:  # start E_LQ as the clean encoder
+            self.net.lq_encoder.load_state_dict(self.net.hq_encoder.state_dict())
+
+    def trainable(self):
+        return list(self.net.lq_encoder.parameters()) + list(self.net.dcam.parameters())
+
+    def losses(self, hq: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        net, p = self.net, self.p
+        with torch.no_grad():
+            target = net.encode_hq(hq)
+            target_codes = net.fetch(target)[1]
+        f_lq = net.encode_lq(lq)
+        _, fetched = net.fetch(f_lq.detach())
+        f_hq = net.dcam(f_lq, fetched)
+        logs = {"feat_mse": p["feat_mse"] * F.mse_loss(f_hq, target),
+                "pixel_mse": p["pixel_mse"] * F.mse_loss(net.decode_latent(f_hq), hq)}
+        if p["fetch_mse"]:
+            logs["fetch_mse"] = p["fetch_mse"] * F.mse_loss(f_lq, target_codes)
+        return sum(logs.values()), logs
+
+    def train_step(self) -> dict:
+        rng, _ = self._rng()
+        hq, lq = self._pairs(rng, int(self.cfg["train"]["batch"]), self.cfg["data"]["crop"])
+        loss, logs = self.losses(hq, lq)
+        lr = self.lr_at(self.step)
+        self._optimize(loss)
+        return {**{k: float(v.detach()) for k, v in logs.items()}, "loss": float(loss.detach()), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        net = self.ema.eval()
+        fetch_out, dcvqr_out = [], []
+        for s in range(0, len(self.eval_lq), 4):
+            x = to_tensor(self.eval_lq[s:s + 4], self.device)
+            f_lq = net.encode_lq(x)
+            fetched = net.fetch(f_lq)[1]
+            fetch_out += to_uint8(net.decode_latent(fetched))
+            dcvqr_out += to_uint8(net.decode_latent(net.dcam(f_lq, fetched)))
+        row: dict[str, Any] = {"step": self.step}
+        row["psnr_input"], row["ssim_input"] = self._eval_psnr(self.eval_lq)
+        row["psnr_fetch"], row["ssim_fetch"] = self._eval_psnr(fetch_out)
+        row["psnr"], row["ssim"] = self._eval_psnr(dcvqr_out)
+        return row
+
+
+class _LatentStage(_Stage):
+    """Stages on latents: ``self.z0`` (normalised clean latents, M x D x h x w)."""
+
+    def _encode_clean(self, images: list[np.ndarray], flip: bool) -> torch.Tensor:
+        net, bs = self.net, int(self.p["encode_batch"])
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(images), bs):
+                x = to_tensor(images[s:s + bs], self.device)
+                if flip:
+                    x = x.flip(-1)
+                out.append(net.encode_hq(x).float())
+        return torch.cat(out)
+
+    def _eps_loss(self, z0: torch.Tensor, cond: Optional[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        b = z0.shape[0]
+        t = torch.randint(0, self.net.schedule.timesteps, (b,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        t, noise = t.to(self.device), noise.to(self.device)
+        z_t = self.net.schedule.q_sample(z0, t, noise)
+        return F.mse_loss(self.net.predict_eps(z_t, t, cond), noise)
+
+    @torch.no_grad()
+    def _eval_eps(self, net: LDBFRNet, z0: torch.Tensor, cond: Optional[torch.Tensor]) -> dict:
+        """eps MSE at fixed steps with fixed noise (comparable across evals)."""
+        gen = torch.Generator().manual_seed(1234)
+        row = {}
+        total = net.schedule.timesteps
+        for t_val in sorted({min(total - 1, round(f * total)) for f in (0.05, 0.25, 0.5, 0.75, 0.95)}):
+            noise = torch.randn(z0.shape, generator=gen).to(self.device)
+            t = torch.full((z0.shape[0],), t_val, dtype=torch.long, device=self.device)
+            z_t = net.schedule.q_sample(z0, t, noise)
+            row[f"eps_mse_t{t_val}"] = float(F.mse_loss(net.predict_eps(z_t, t, cond), noise))
+        return row
+
+
+class UNetStage(_LatentStage):
+    """Stage 2 of LD-BFR: the unconditional eps-UNet on clean latents."""
+
+    stage = "ldbfr-unet"
+
+    def init_weights(self) -> None:
+        self._init_from_lite()
+
+    def trainable(self):
+        return [p for _, p in self.net.unet.base_named_parameters()]
+
+    def prepare(self) -> None:
+        images = [self.train_images[i] for i in range(len(self.train_images))]
+        t0 = time.time()
+        z = torch.cat([self._encode_clean(images, False), self._encode_clean(images, True)])
+        # per-channel statistics of the clean latents (LDM's scale_factor, per channel)
+        mean = z.mean(dim=(0, 2, 3), keepdim=True)
+        std = z.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3)
+        for net in (self.net, self.ema):
+            net.latent_mean.copy_(mean)
+            net.latent_std.copy_(std)
+        self.z0 = self.net.normalize_latent(z.to(self.device))
+        self.eval_z0 = self.net.normalize_latent(self._encode_clean(self.eval_hq, False).to(self.device))
+        if not self.quiet:
+            print(f"encoded {z.shape[0]} clean latents in {time.time() - t0:.1f} s", file=sys.stderr)
+
+    def train_step(self) -> dict:
+        rng, gen = self._rng()
+        idx = torch.from_numpy(rng.integers(0, self.z0.shape[0], int(self.cfg["train"]["batch"])))
+        loss = self._eps_loss(self.z0[idx.to(self.device)], None, gen)
+        lr = self.lr_at(self.step)
+        self._optimize(loss)
+        return {"eps_mse": float(loss.detach()), "loss": float(loss.detach()), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        return {"step": self.step, **self._eval_eps(self.ema.eval(), self.eval_z0, None)}
+
+
+class HQIStage(_LatentStage):
+    """Stage 3 of LD-BFR: E-HQI / D-HQI on the frozen base UNet."""
+
+    stage = "ldbfr-hqi"
+
+    def init_weights(self) -> None:
+        path = self.cfg["init_from"] or self._need("init_from", "the ldbfr-unet run's last.pth")
+        if path:
+            self._init_from_run("init_from", path)
+        dcvqr = self._need("dcvqr_from", "the ldbfr-dcvqr run's last.pth")
+        if dcvqr:
+            self._init_from_run("plugin.dcvqr_from", dcvqr, ["lq_encoder", "dcam"])
+
+    def _need(self, key, what):
+        if key == "init_from":
+            if self.p["allow_random_init"]:
+                return None
+            raise ConfigError(f"stage {self.stage} needs init_from ({what})")
+        return super()._need(key, what)
+
+    def trainable(self):
+        return self.net.unet.hqi_parameters()
+
+    def prepare(self) -> None:
+        from frvideo.train.degradation import Degradation
+        t0 = time.time()
+        rng = np.random.default_rng([self.seed, 7919])
+        net, bs = self.net.eval(), int(self.p["encode_batch"])
+        n = len(self.train_images)
+        order = [(i, int(rng.integers(2)), int(rng.integers(2**63))) for _ in range(int(self.p["pool_per_image"]))
+                 for i in range(n)]
+        z0, cond = [], []
+        with torch.no_grad():
+            for s in range(0, len(order), bs):
+                chunk = order[s:s + bs]
+                hq = [self.train_images[i][:, ::-1] if flip else self.train_images[i] for i, flip, _ in chunk]
+                hq = [np.ascontiguousarray(h) for h in hq]
+                lq = [Degradation(self.cfg["degradation"]["preset"], seed=seed).apply(h)
+                      for h, (_, _, seed) in zip(hq, chunk)]
+                z0.append(net.encode_hq(to_tensor(hq, self.device)).float())
+                cond.append(net.dcvqr(to_tensor(lq, self.device)).float())
+        self.z0 = net.normalize_latent(torch.cat(z0))
+        self.cond = net.normalize_latent(torch.cat(cond))
+        # how far the clean latent lies from the condition, per channel (the conditional
+        # Gaussian skip of LDBFRNet.predict_eps); measured on this pool, stored in the net
+        cond_var = (self.z0 - self.cond).pow(2).mean(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3)
+        for m in (self.net, self.ema):
+            m.cond_var.copy_(cond_var)
+        x = to_tensor(self.eval_lq, self.device)
+        with torch.no_grad():
+            self.eval_f_hq = net.dcvqr(x)
+            self.eval_z0 = net.normalize_latent(net.encode_hq(to_tensor(self.eval_hq, self.device)))
+        if not self.quiet:
+            print(f"built a pool of {self.z0.shape[0]} (latent, condition) pairs in {time.time() - t0:.1f} s",
+                  file=sys.stderr)
+
+    def train_step(self) -> dict:
+        rng, gen = self._rng()
+        idx = torch.from_numpy(rng.integers(0, self.z0.shape[0], int(self.cfg["train"]["batch"]))).to(self.device)
+        loss = self._eps_loss(self.z0[idx], self.cond[idx], gen)
+        lr = self.lr_at(self.step)
+        self._optimize(loss)
+        return {"eps_mse": float(loss.detach()), "loss": float(loss.detach()), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        net = self.ema.eval()
+        row: dict[str, Any] = {"step": self.step}
+        row.update(self._eval_eps(net, self.eval_z0, net.normalize_latent(self.eval_f_hq)))
+        row["psnr_input"], row["ssim_input"] = self._eval_psnr(self.eval_lq)
+        row["psnr_dcvqr"], row["ssim_dcvqr"] = self._eval_psnr(to_uint8(net.decode_latent(self.eval_f_hq)))
+        seed = int(self.p["eval_seed"])
+        for steps in self.p["eval_steps"]:
+            gens = [torch.Generator().manual_seed(seed + j) for j in range(self.eval_f_hq.shape[0])]
+            z = net.enhance(self.eval_f_hq, int(steps), gens)
+            row[f"psnr_s{steps}"], row[f"ssim_s{steps}"] = self._eval_psnr(to_uint8(net.decode_latent(z)))
+        return row
