@@ -30,10 +30,41 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return v
+
+
+def _unit_interval(text: str) -> float:
+    """A weight of the past in [0, 1): 1 would never let the present in."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
     return v
 
 
@@ -55,6 +86,11 @@ def build_parser() -> _Parser:
     g.add_argument("--model", default="auto", help="restoration model (default auto: best with weights installed)")
     g.add_argument("--weights", help="weight file for --model (overrides $FRVIDEO_HOME/weights)")
     g.add_argument("--fidelity", type=_fraction, help="0 = quality .. 1 = fidelity (CodeFormer w, VQFR v2 ratio)")
+    g.add_argument("--steps", type=_non_negative, help="diffusion models (ldbfr): DDIM steps (default: the model's; "
+                                                       "0 = skip the diffusion)")
+    g.add_argument("--fresh-noise", action="store_true",
+                   help="diffusion models: new noise every frame instead of noise locked per track (flickers; "
+                        "for comparisons)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on GPU, fp32 on CPU")
@@ -69,15 +105,29 @@ def build_parser() -> _Parser:
     g.add_argument("--tracks", type=_track_list, help="restore only these track ids (see --draw), e.g. 0,2")
     g.add_argument("--draw", action="store_true", help="draw boxes, landmarks and track ids on the output")
     g = p.add_argument_group("temporal")
-    g.add_argument("--temporal", default="tokens", choices=["off", "tokens"],
-                   help="codebook-token smoothing per track (default tokens)")
-    g.add_argument("--temporal-alpha", type=float, default=0.6, help="weight of the past in token smoothing")
+    g.add_argument("--temporal", default="full", choices=["off", "tokens", "full"],
+                   help="tokens: codebook-token smoothing per track; full: tokens plus a motion-compensated "
+                        "filter of the restored face in time (default full)")
+    g.add_argument("--temporal-alpha", type=_unit_interval, default=0.6, help="weight of the past in token smoothing")
     g.add_argument("--temporal-margin", type=float, default=0.3,
                    help="log-probability margin another token needs to replace the current one")
+    g.add_argument("--temporal-strength", type=_unit_interval, default=0.8,
+                   help="full: weight of the previous restored face where nothing moved, 0-0.99 (default 0.8)")
+    g.add_argument("--temporal-threshold", type=_positive_float, default=0.05,
+                   help="full: local change (0-1 of the pixel range) above which the face filter lets go "
+                        "(default 0.05)")
     g.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
                    help="smooth landmarks per track so the aligned crop stays still (default on)")
     g.add_argument("--lookahead", type=int, default=4,
                    help="frames of look-ahead for landmark smoothing (default 4; 0 = causal, for live)")
+    g = p.add_argument_group("reference (reference-based models: ented)")
+    g.add_argument("--reference-frame", type=int, metavar="N",
+                   help="use the largest face of frame N (0-based) of the input as every track's reference "
+                        "(default: a keyframe chosen per track)")
+    g.add_argument("--reference-image", metavar="PATH",
+                   help="use the largest face of this image as every track's reference")
+    g.add_argument("--reference-restorer", metavar="NAME",
+                   help="restore each reference once with this model first (e.g. codeformer)")
     g = p.add_argument_group("encoding")
     g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...)")
     g.add_argument("--crf", type=float, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
@@ -151,13 +201,18 @@ def restore_command(argv: list[str]) -> int:
     model = auto_model_name() if args.model == "auto" else args.model
     restorer = load_restorer(model, args.weights, device, dtype)
     detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
+    reference_options = _reference_options(args, restorer, detector, device, dtype)
     options = PipelineOptions(
         batch_size=args.batch_size, fidelity=args.fidelity, min_face=args.min_face,
         only_largest=args.only_largest, track_ids=args.tracks, draw=args.draw, temporal=args.temporal,
         temporal_alpha=args.temporal_alpha, temporal_margin=args.temporal_margin, quiet=args.quiet,
+        temporal_strength=args.temporal_strength, temporal_threshold=args.temporal_threshold,
         allow_damaged=args.ignore_damage, smooth_landmarks=args.smooth_landmarks, lookahead=args.lookahead,
         encode=EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt),
+        steps=args.steps, fresh_noise=args.fresh_noise,
     )
+    for key, value in reference_options.items():
+        setattr(options, key, value)
     note = f"{model}/{detector.name} on {device}"
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
@@ -166,7 +221,37 @@ def restore_command(argv: list[str]) -> int:
     if not args.quiet:
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces), {stats.faces} faces "
               f"in {stats.tracks} tracks, {stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
+        for line in stats.references:  # reference-based models: the keyframe each track was restored with
+            print(f"frvideo: {line}", file=sys.stderr)
     return EXIT_OK
+
+
+def _reference_options(args, restorer, detector, device, dtype) -> dict:
+    """PipelineOptions fields of --reference-frame/-image/-restorer (reference-based models only)."""
+    given = [o for o, v in (("--reference-frame", args.reference_frame), ("--reference-image", args.reference_image),
+                            ("--reference-restorer", args.reference_restorer)) if v is not None]
+    if not given:
+        return {}
+    if not restorer.needs_reference:
+        raise UsageError(f"{given[0]} applies to reference-based models (ented), not to {restorer.name!r}")
+    if args.reference_frame is not None and args.reference_image is not None:
+        raise UsageError("give --reference-frame or --reference-image, not both")
+    from . import reference as ref
+    from .restore import load_restorer
+
+    out: dict = {}
+    if args.reference_restorer is not None:
+        other = load_restorer(args.reference_restorer, None, device, dtype)
+        if other.needs_reference:
+            raise UsageError(f"--reference-restorer {args.reference_restorer} needs a reference itself")
+        out["reference_prepare"] = ref.reference_preparer(other, restorer.input_size)
+    if args.reference_image is not None:
+        out["reference"] = ref.reference_from_image(args.reference_image, detector, restorer.input_size)
+        out["reference_label"] = f"reference image {args.reference_image}"
+    elif args.reference_frame is not None:
+        out["reference"] = ref.reference_from_frame(args.input, args.reference_frame, detector, restorer.input_size)
+        out["reference_label"] = f"reference frame {args.reference_frame} (given)"
+    return out
 
 
 def models_command(argv: list[str]) -> int:

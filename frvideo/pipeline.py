@@ -31,8 +31,9 @@ from .faces.tracker import FaceTracker, SceneCutDetector, TrackedFace, select_fa
 from .io import EncodeOptions, open_reader, open_writer
 from .io.frames import from_rgb, to_rgb, to_rgb8
 from .io.reader import STDIO, is_url
+from .reference import Keyframe, KeyframeSelector
 from .restore import RestoreContext, Restorer
-from .temporal import OneEuroLandmarks, TokenSmoother, centered_landmarks
+from .temporal import FaceFilter, OneEuroLandmarks, TokenSmoother, centered_landmarks
 
 QUEUE_FRAMES = 8  # frames buffered between decode / main / encode threads
 
@@ -45,15 +46,27 @@ class PipelineOptions:
     only_largest: bool = False
     track_ids: Optional[set[int]] = None
     draw: bool = False
-    temporal: str = "tokens"
+    temporal: str = "full"  # off | tokens | full (tokens + restored-face filter)
     temporal_alpha: float = 0.6
     temporal_margin: float = 0.3
     temporal_tau: float = 1.0
+    temporal_strength: float = 0.8  # restored-face filter: weight of the past where nothing moved
+    temporal_threshold: float = 0.05  # ... and the local change (0-1 units) at which it lets go
+    temporal_blur: float = 1.5  # ... measured after a Gaussian blur of this sigma (px at 256)
+    temporal_flow: bool = True  # ... after warping the previous face onto this one (optical flow)
     smooth_landmarks: bool = True
     lookahead: int = 4  # frames of look-ahead for landmark smoothing; 0 = causal (live)
     quiet: bool = False
     allow_damaged: bool = False
     encode: EncodeOptions = field(default_factory=EncodeOptions)
+    # diffusion backends (LD-BFR): sampling steps (None = the card's) and fresh noise per frame
+    # instead of noise locked per track (only to measure what the locking buys)
+    steps: Optional[int] = None
+    fresh_noise: bool = False
+    # reference-based backends (restorer.needs_reference) only:
+    reference: Optional[np.ndarray] = None  # a fixed aligned reference face for every track (else keyframes)
+    reference_label: str = "reference image"  # how the summary names that fixed reference
+    reference_prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None  # e.g. restore it with another backend
 
 
 @dataclass
@@ -63,6 +76,7 @@ class FaceJob:
     crop: np.ndarray
     frame_index: int
     restored: Optional[np.ndarray] = None
+    reference: Optional[Keyframe] = None  # reference-based backends: the track's keyframe
 
 
 @dataclass
@@ -86,6 +100,7 @@ class RunStats:
     faces: int = 0
     tracks: int = 0
     seconds: float = 0.0
+    references: list[str] = field(default_factory=list)  # reference-based backends: keyframe per track
 
     @property
     def fps(self) -> float:
@@ -190,13 +205,20 @@ class FacePipeline:
         self.mask = crop_mask(self.size)
         self.tracker = FaceTracker()
         self.scene_cut = SceneCutDetector()
+        if options.temporal not in ("off", "tokens", "full"):
+            raise ValueError(f"temporal must be off, tokens or full, not {options.temporal!r}")
         self.smoother = TokenSmoother(options.temporal_alpha, options.temporal_margin, options.temporal_tau) \
-            if options.temporal == "tokens" and restorer.has_codebook else None
+            if options.temporal in ("tokens", "full") and restorer.has_codebook else None
+        self.face_filter = FaceFilter(options.temporal_strength, options.temporal_threshold,
+                                      options.temporal_blur, options.temporal_flow) \
+            if options.temporal == "full" else None
         self.lookahead = options.lookahead if options.smooth_landmarks else 0
         self.one_euro = OneEuroLandmarks(fps) if options.smooth_landmarks and self.lookahead == 0 else None
         self.history: dict[int, deque] = {}  # track id -> raw landmarks of the last frames
         self.stats = RunStats()
         self._track_ids: set[int] = set()
+        self.keyframes = KeyframeSelector(fixed=options.reference, fixed_label=options.reference_label,
+                                          prepare=options.reference_prepare) if restorer.needs_reference else None
 
     # one frame in: detection and tracking
     def _detect(self, index: int, frame: av.VideoFrame) -> PendingFrame:
@@ -206,6 +228,8 @@ class FacePipeline:
             self.tracker.reset()
             if self.smoother is not None:
                 self.smoother.reset()
+            if self.face_filter is not None:
+                self.face_filter.reset()
             if self.one_euro is not None:
                 self.one_euro.reset()
         tracked = self.tracker.update(self.detector.detect(rgb8))
@@ -228,6 +252,20 @@ class FacePipeline:
         past.append(face.landmarks)
         return out
 
+    def _lookahead_candidates(self, track_id: int, future: list[PendingFrame]) -> list:
+        """The track's faces in the look-ahead frames, aligned on their raw landmarks: keyframe
+        candidates for the track's first reference (called once per track, at its start)."""
+        out = []
+        for q in future:
+            face = next((f for f in q.chosen if f.track_id == track_id), None)
+            if face is None:
+                continue
+            if face.new_track:  # the id starts another track there
+                break
+            crop = warp_faces(q.rgb, similarity_transforms(face.landmarks[None], self.size), self.size)[0]
+            out.append((q.index, crop, face.landmarks, face.score))
+        return out
+
     # alignment, once the look-ahead frames of this one are known
     def _align(self, p: PendingFrame, future: list[PendingFrame]) -> None:
         if not p.chosen:
@@ -236,6 +274,11 @@ class FacePipeline:
         transforms = similarity_transforms(landmarks, self.size)
         crops = warp_faces(p.rgb, transforms, self.size)
         p.jobs = [FaceJob(f, A, c, p.index) for f, A, c in zip(p.chosen, transforms, crops)]
+        if self.keyframes is not None:
+            for j in p.jobs:
+                j.reference = self.keyframes.update(
+                    j.face.track_id, p.index, j.crop, j.face.landmarks, j.face.score, j.face.new_track,
+                    ahead=lambda tid=j.face.track_id: self._lookahead_candidates(tid, future))
         self.stats.frames_with_faces += 1
         self.stats.faces += len(p.chosen)
         self._track_ids.update(f.track_id for f in p.chosen)
@@ -250,7 +293,11 @@ class FacePipeline:
         tracks = [j.face.track_id for j in jobs]
         # stochastic backends draw their noise from a per-track seed: a still face stays still
         ctx = RestoreContext(tracks, [j.frame_index for j in jobs], self.opts.fidelity,
-                             noise_seeds=[1000003 * t + 12345 for t in tracks])
+                             noise_seeds=None if self.opts.fresh_noise else [1000003 * t + 12345 for t in tracks],
+                             steps=self.opts.steps)
+        if self.keyframes is not None:
+            ctx.references = crops_to_tensor(np.stack([j.reference.crop for j in jobs]), r.device, r.dtype)
+            ctx.reference_ids = [j.reference.ref_id for j in jobs]
         if r.has_codebook:
             encoded = r.encode(faces, ctx)
             if self.smoother is not None:
@@ -260,6 +307,8 @@ class FacePipeline:
             out = r.decode(encoded, tokens, ctx)
         else:
             out = r.restore(faces, ctx)
+        if self.face_filter is not None:
+            out = self.face_filter(out, ctx.track_ids, [j.face.new_track for j in jobs])
         for job, crop in zip(jobs, tensor_to_crops(out, jobs[0].crop.dtype)):
             job.restored = crop
 
@@ -304,6 +353,8 @@ class FacePipeline:
         yield from advance(flush=True)
         self.stats.seconds = time.perf_counter() - start
         self.stats.tracks = len(self._track_ids)
+        if self.keyframes is not None:
+            self.stats.references = self.keyframes.summary()
 
 
 def draw_faces(rgb: np.ndarray, faces: list[TrackedFace]) -> None:

@@ -40,6 +40,8 @@ _BUILTIN_BACKENDS = {
     "gfpgan": "plugins.gfpgan:GFPGANRestorer",
     "vqfr": "plugins.vqfr:VQFRRestorer",
     "lite": "plugins.lite:LiteRestorer",
+    "ldbfr": "plugins.ldbfr:LDBFRRestorer",
+    "ented": "plugins.ented:EntedRestorer",
 }
 
 
@@ -51,7 +53,10 @@ class RestoreContext:
     frame_indices: list[int] = field(default_factory=list)
     fidelity: Optional[float] = None  # None: the model's own default
     references: Optional[torch.Tensor] = None  # B x 3 x S x S, reference-based backends
+    # one hashable id per reference (same id = same image): lets a backend cache reference features
+    reference_ids: Optional[list] = None
     noise_seeds: Optional[list[int]] = None  # stochastic backends: one seed per face (locked per track)
+    steps: Optional[int] = None  # diffusion backends: sampling steps (None: the model card's default)
 
     @classmethod
     def single(cls, batch_size: int, fidelity: Optional[float] = None) -> "RestoreContext":
@@ -73,6 +78,9 @@ class Restorer:
     input_size: ClassVar[int] = 512
     codebook_size: ClassVar[Optional[int]] = None  # K; None = no token interface
     needs_reference: ClassVar[bool] = False
+    # False: used only when asked for by name, never by ``--model auto`` (e.g. a shipped model
+    # that measures below ``lite``)
+    auto_select: ClassVar[bool] = True
     # training stages the backend implements itself (``frvideo train`` with ``stage: NAME``):
     # NAME -> 'module:Class' (see frvideo.train.trainer.backend_stages)
     train_stages: ClassVar[dict[str, str]] = {}
@@ -210,6 +218,14 @@ def load_restorer(name: str, weights=None, device: str | torch.device = "cpu",
     return cls.from_checkpoint(config, path).to(device, dtype)
 
 
+def _opt_in(backend: str) -> bool:
+    """Backends that declare ``auto_select = False`` (ENTED, LD-BFR) run only when named."""
+    try:
+        return not backend_class(backend).auto_select
+    except Exception:  # a broken or missing plugin: loading it will report the real error
+        return False
+
+
 def auto_model_name() -> str:
     """``--model auto``: the highest-priority restorer whose weights are installed."""
     from .models import all_model_configs
@@ -217,7 +233,7 @@ def auto_model_name() -> str:
 
     cards = sorted((c for c in all_model_configs("restorer") if c.weights is not None), key=lambda c: -c.priority)
     for c in cards:
-        if find_local(c) is not None:
+        if find_local(c) is not None and not _opt_in(c.backend):
             return c.name
     files = ", ".join(c.weights.file for c in cards)
     raise WeightsError(f"no restoration model weights found; put one of {files or '(none configured)'} in "

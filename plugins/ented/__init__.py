@@ -38,6 +38,8 @@ class EntedRestorer(Restorer):
     input_size = 256  # the shipped card's; a card with another img_size sets its own
     codebook_size = 512
     needs_reference = True
+    # only when named: the output depends on the reference, and the shipped model measures below lite
+    auto_select = False
     train_stages = {"ented": "plugins.ented.train:EntedTrainer"}
 
     def __init__(self, net, config):
