@@ -54,7 +54,11 @@ import yaml
 from ..errors import ConfigError, FrvideoError, InputError, UsageError
 from . import losses as L
 
-__all__ = ["DEFAULTS", "load_config", "Trainer", "kmeans", "reinit_dead_codes", "export_weights", "train_main"]
+__all__ = ["DEFAULTS", "load_config", "Trainer", "kmeans", "reinit_dead_codes", "export_weights", "train_main",
+           # shared with the backends' own trainers (plugins/*/train.py)
+           "lr_at", "ema_update", "remember_codes", "eval_indices", "degrade_eval", "rng_state", "set_rng_state",
+           "write_run_logs", "run_state", "restore_run_state", "vq_gan_state", "restore_vq_gan_state",
+           "open_run_dir", "save_run", "run_loop"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {"card": None, "backend": None, "arch": {}},
@@ -527,6 +531,193 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# --------------------------------------------------------------------------- shared by all trainers
+# (this module's Trainer and the backends' own stages, e.g. plugins/ented, plugins/ldbfr)
+
+def lr_at(train_cfg: dict, step: int) -> float:
+    """Learning rate of ``step``: linear warm-up, then cosine down to ``lr_min_ratio`` (or constant)."""
+    t = train_cfg
+    base = float(t["lr"])
+    if step < t["warmup_steps"]:
+        return base * (step + 1) / t["warmup_steps"]
+    if t["lr_schedule"] == "constant":
+        return base
+    total = max(1, t["steps"] - t["warmup_steps"])
+    frac = min(1.0, (step - t["warmup_steps"]) / total)
+    lo = base * float(t["lr_min_ratio"])
+    return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA of the trained parameters (decay ramped up over the first steps); frozen ones and buffers are copied."""
+    decay = min(float(decay), (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        if p.requires_grad:
+            pe.lerp_(p.detach(), 1 - decay)
+        else:
+            pe.copy_(p.detach())
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
+def remember_codes(buffer: torch.Tensor, z: torch.Tensor, rng: np.random.Generator, capacity: int) -> torch.Tensor:
+    """``buffer`` with a random sample of this step's encoder outputs ``z`` added, the oldest
+    dropped beyond ``capacity`` rows (the k-means pool of the codebook maintenance)."""
+    flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu()
+    take = min(flat.shape[0], max(64, capacity // 32))
+    sel = torch.from_numpy(rng.choice(flat.shape[0], take, replace=False))
+    return torch.cat([buffer, flat[sel]])[-int(capacity):]
+
+
+def eval_indices(n: int, count: int) -> list[int]:
+    """Up to ``count`` eval images evenly spaced over ``n``."""
+    k = min(int(count), n)
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+
+
+def degrade_eval(cfg: dict, images: list[np.ndarray]) -> list[np.ndarray]:
+    """The eval inputs: ``images`` degraded with ``degradation.eval_seed`` (image j: seed (eval_seed, j))."""
+    from .degradation import Degradation
+    preset, eseed = cfg["degradation"]["preset"], int(cfg["degradation"]["eval_seed"])
+    return [Degradation(preset, seed=[eseed, j]).apply(img) for j, img in enumerate(images)]
+
+
+def rng_state() -> dict:
+    """The global RNG states (torch, numpy, python, CUDA), in a form ``torch.load(weights_only=True)`` accepts."""
+    return {"torch": torch.get_rng_state(), "numpy": _np_state_out(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_np_state_in(state["numpy"]))
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_run_logs(out: Path, history: list[dict], evals: list[dict]) -> None:
+    """train_log.jsonl, eval.jsonl (each replaced atomically) and loss_curve.png in the run directory."""
+    for name, rows in (("train_log.jsonl", history), ("eval.jsonl", evals)):
+        tmp = out / (name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, out / name)
+    if history or evals:
+        plot_curves(out / "loss_curve.png", history, evals)
+
+
+def run_state(trainer) -> dict:
+    """The checkpoint entries every trainer writes (a trainer adds its own)."""
+    return {"params": trainer.net.state_dict(), "params_ema": trainer.ema.state_dict(),
+            "optimizer": trainer.opt.state_dict(), "step": trainer.step, "history": trainer.history,
+            "evals": trainer.evals, "config": trainer.cfg, "arch": trainer.arch, "backend": trainer.backend,
+            "stage": trainer.stage}
+
+
+def restore_run_state(trainer, path: Path) -> dict:
+    """Load ``path``, check it is a checkpoint of this stage and arch, restore what :func:`run_state`
+    saved; returns the checkpoint for the trainer's own entries."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if ck.get("stage") != trainer.stage or ck.get("arch") != trainer.arch:
+        raise ConfigError(f"{path} is from another run (stage/arch differ); use another output or --fresh")
+    trainer.net.load_state_dict(ck["params"])
+    trainer.ema.load_state_dict(ck["params_ema"])
+    trainer.opt.load_state_dict(ck["optimizer"])
+    trainer.step = int(ck["step"])
+    trainer.history, trainer.evals = list(ck["history"]), list(ck["evals"])
+    if not trainer.quiet:
+        print(f"resuming {trainer.out} from step {trainer.step}", file=sys.stderr)
+    return ck
+
+
+def vq_gan_state(trainer) -> dict:
+    """Checkpoint entries of a VQ trainer with an optional discriminator (:class:`Trainer`, ented):
+    discriminator, codebook statistics and the global RNG states (exact resume)."""
+    return {"disc": trainer.disc.state_dict() if trainer.disc is not None else None,
+            "disc_optimizer": trainer.opt_d.state_dict() if trainer.opt_d is not None else None,
+            "last_used": trainer.last_used, "buffer": trainer.buffer, "vq_ready": trainer.vq_ready,
+            "rng": rng_state()}
+
+
+def restore_vq_gan_state(trainer, ck: dict) -> None:
+    if trainer.disc is not None and ck.get("disc") is not None:
+        trainer.disc.load_state_dict(ck["disc"])
+        trainer.opt_d.load_state_dict(ck["disc_optimizer"])
+    trainer.last_used, trainer.buffer = ck["last_used"], ck["buffer"]
+    trainer.vq_ready = bool(ck["vq_ready"])
+    set_rng_state(ck["rng"])
+
+
+def open_run_dir(trainer, fresh: bool) -> None:
+    """Create the run directory; resume from its ``last.pth`` unless ``fresh``."""
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    last = trainer.out / "last.pth"
+    if last.is_file() and not fresh:
+        trainer._resume(last)
+
+
+def save_run(trainer) -> Path:
+    """``last.pth`` (``trainer.state()``) and the logs."""
+    path = trainer.out / "last.pth"
+    _atomic_save(trainer.state(), path)
+    write_run_logs(trainer.out, trainer.history, trainer.evals)
+    return path
+
+
+def run_loop(trainer, until: Optional[int] = None) -> dict:
+    """Train ``trainer`` to ``train.steps`` (or stop early at ``until``, saving as an interruption
+    would): a log row (mean losses) every ``log_every`` steps, an eval every ``eval_every`` (and at
+    the last step), a save every ``save_every``; Ctrl-C saves and re-raises. ``trainer`` offers
+    ``cfg``, ``stage``, ``quiet``, ``out``, ``net``, ``step``, ``history``, ``evals``, ``save()``,
+    ``train_step()`` (one step, advancing ``step``; returns its losses) and ``evaluate()`` (the eval
+    row; appended to ``evals`` here). Returns the last eval row."""
+    from tqdm import tqdm
+    t = trainer.cfg["train"]
+    total = int(t["steps"])
+    stop = total if until is None else min(total, until)
+    acc: dict[str, list[float]] = {}
+    t0 = time.time()
+    bar = tqdm(total=total, initial=trainer.step, desc=f"train {trainer.stage}", unit="step",
+               disable=trainer.quiet, dynamic_ncols=True)
+    try:
+        while trainer.step < stop:
+            trainer.net.train()  # evaluate() or a stage's precomputation may have left it in eval mode
+            for k, v in trainer.train_step().items():
+                acc.setdefault(k, []).append(v)
+            bar.update(1)
+            if trainer.step % t["log_every"] == 0 or trainer.step == stop:
+                row = {"step": trainer.step, **{k: float(np.mean(v)) for k, v in acc.items()},
+                       "time": round(time.time() - t0, 2)}
+                trainer.history.append(row)
+                acc.clear()
+                post = {"loss": f"{row['loss']:.4f}"}
+                if "token_acc" in row:
+                    post["acc"] = f"{row['token_acc']:.3f}"
+                if "codes_used" in row:
+                    post["codes"] = int(row["codes_used"])
+                bar.set_postfix(post)
+            if trainer.step % t["eval_every"] == 0 or trainer.step == total:
+                ev = trainer.evaluate()
+                trainer.evals.append(ev)
+                if not trainer.quiet:
+                    bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in ev.items()))
+            if trainer.step % t["save_every"] == 0 or trainer.step == stop:
+                trainer.save()
+    except KeyboardInterrupt:
+        bar.close()
+        trainer.save()
+        print(f"interrupted at step {trainer.step}; saved {trainer.out / 'last.pth'} (run again to resume)",
+              file=sys.stderr)
+        raise
+    bar.close()
+    return trainer.evals[-1] if trainer.evals else {}
+
+
 class Trainer:
     """One training run. ``Trainer(cfg, output).run()``; resumes from ``output/last.pth``."""
 
@@ -599,10 +790,7 @@ class Trainer:
             raise InputError("the training or the eval set is empty")
         self._prepare_eval()
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        last = self.out / "last.pth"
-        if last.is_file() and not fresh:
-            self._resume(last)
+        open_run_dir(self, fresh)
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     # -- setup --------------------------------------------------------------------
@@ -633,85 +821,26 @@ class Trainer:
         load_state_dict_strict(self.teacher, sub, p)
 
     def _prepare_eval(self) -> None:
-        from .degradation import Degradation
-        d = self.cfg["data"]
-        n = len(self.eval_images)
-        k = min(int(d["eval_count"]), n)
-        self.eval_idx = [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+        self.eval_idx = eval_indices(len(self.eval_images), self.cfg["data"]["eval_count"])
         self.eval_hq = [self.eval_images[i] for i in self.eval_idx]
         if self.stage == "restoration":
-            preset, eseed = self.cfg["degradation"]["preset"], int(self.cfg["degradation"]["eval_seed"])
-            self.eval_lq = [Degradation(preset, seed=[eseed, j]).apply(img) for j, img in enumerate(self.eval_hq)]
+            self.eval_lq = degrade_eval(self.cfg, self.eval_hq)
         else:
             self.eval_lq = self.eval_hq
 
     # -- checkpoints ------------------------------------------------------------------
     def state(self) -> dict:
-        return {
-            "params": self.net.state_dict(), "params_ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "disc": self.disc.state_dict() if self.disc is not None else None,
-            "disc_optimizer": self.opt_d.state_dict() if self.opt_d is not None else None,
-            "step": self.step, "last_used": self.last_used, "buffer": self.buffer, "vq_ready": self.vq_ready,
-            "rng": {"torch": torch.get_rng_state(), "numpy": _np_state_out(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "history": self.history, "evals": self.evals, "config": self.cfg,
-            "arch": self.arch, "backend": self.backend, "stage": self.stage,
-        }
+        return {**run_state(self), **vq_gan_state(self)}
 
     def save(self) -> Path:
-        path = self.out / "last.pth"
-        _atomic_save(self.state(), path)
-        self._write_logs()
-        return path
+        return save_run(self)
 
     def _resume(self, path: Path) -> None:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-        if ck.get("stage") != self.stage or ck.get("arch") != self.arch:
-            raise ConfigError(f"{path} is from another run (stage/arch differ); use another output or --fresh")
-        self.net.load_state_dict(ck["params"])
-        self.ema.load_state_dict(ck["params_ema"])
-        self.opt.load_state_dict(ck["optimizer"])
-        if self.disc is not None and ck.get("disc") is not None:
-            self.disc.load_state_dict(ck["disc"])
-            self.opt_d.load_state_dict(ck["disc_optimizer"])
-        self.step = int(ck["step"])
-        self.last_used = ck["last_used"]
-        self.buffer = ck["buffer"]
-        self.vq_ready = bool(ck["vq_ready"])
-        self.history, self.evals = list(ck["history"]), list(ck["evals"])
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(_np_state_in(rng["numpy"]))
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if not self.quiet:
-            print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
-
-    def _write_logs(self) -> None:
-        for name, rows in (("train_log.jsonl", self.history), ("eval.jsonl", self.evals)):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.out / name)
-        if self.history or self.evals:
-            plot_curves(self.out / "loss_curve.png", self.history, self.evals)
+        restore_vq_gan_state(self, restore_run_state(self, path))
 
     # -- one step -----------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        t = self.cfg["train"]
-        base = float(t["lr"])
-        if step < t["warmup_steps"]:
-            return base * (step + 1) / t["warmup_steps"]
-        if t["lr_schedule"] == "constant":
-            return base
-        total = max(1, t["steps"] - t["warmup_steps"])
-        frac = min(1.0, (step - t["warmup_steps"]) / total)
-        lo = base * float(t["lr_min_ratio"])
-        return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+        return lr_at(self.cfg["train"], step)
 
     def _batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         from .degradation import Degradation
@@ -757,10 +886,7 @@ class Trainer:
 
     def _remember(self, z: torch.Tensor, rng: np.random.Generator) -> None:
         """Keep a random sample of this step's encoder outputs in the code buffer."""
-        flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu()
-        take = min(flat.shape[0], max(64, self.cfg["train"]["code_buffer"] // 32))
-        sel = torch.from_numpy(rng.choice(flat.shape[0], take, replace=False))
-        self.buffer = torch.cat([self.buffer, flat[sel]])[-int(self.cfg["train"]["code_buffer"]):]
+        self.buffer = remember_codes(self.buffer, z, rng, int(self.cfg["train"]["code_buffer"]))
 
     def _codebook_step(self, hq: torch.Tensor, rng: np.random.Generator, logs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         lc, t = self.cfg["loss"], self.cfg["train"]
@@ -858,16 +984,8 @@ class Trainer:
         out_logs["lr"] = lr
         return out_logs
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = min(float(self.cfg["train"]["ema_decay"]), (1 + self.step) / (10 + self.step))
-        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
-            if p.requires_grad:
-                pe.lerp_(p.detach(), 1 - decay)
-            else:
-                pe.copy_(p.detach())
-        for be, b in zip(self.ema.buffers(), self.net.buffers()):
-            be.copy_(b)
+        ema_update(self.ema, self.net, self.cfg["train"]["ema_decay"], self.step)
 
     # -- eval -------------------------------------------------------------------------
     @torch.no_grad()
@@ -905,52 +1023,12 @@ class Trainer:
             p = c / c.sum()
             row["codes_used"] = int((c > 0).sum())
             row["perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-        self.evals.append(row)
         return row
 
     # -- loop -------------------------------------------------------------------------
     def run(self, until: Optional[int] = None) -> dict:
         """Train to ``train.steps`` (or stop early at ``until``, saving as an interruption would)."""
-        from tqdm import tqdm
-        t = self.cfg["train"]
-        total = int(t["steps"])
-        stop = total if until is None else min(total, until)
-        acc: dict[str, list[float]] = {}
-        t0 = time.time()
-        bar = tqdm(total=total, initial=self.step, desc=f"train {self.stage}", unit="step", disable=self.quiet,
-                   dynamic_ncols=True)
-        try:
-            while self.step < stop:
-                logs = self.train_step()
-                for k, v in logs.items():
-                    acc.setdefault(k, []).append(v)
-                bar.update(1)
-                if self.step % t["log_every"] == 0 or self.step == stop:
-                    row = {"step": self.step, **{k: float(np.mean(v)) for k, v in acc.items()},
-                           "time": round(time.time() - t0, 2)}
-                    self.history.append(row)
-                    acc.clear()
-                    post = {"loss": f"{row['loss']:.4f}"}
-                    if "token_acc" in row:
-                        post["acc"] = f"{row['token_acc']:.3f}"
-                    if "codes_used" in row:
-                        post["codes"] = int(row["codes_used"])
-                    bar.set_postfix(post)
-                if self.step % t["eval_every"] == 0 or self.step == total:
-                    ev = self.evaluate()
-                    if not self.quiet:
-                        bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in ev.items()))
-                if self.step % t["save_every"] == 0 or self.step == stop:
-                    self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()
-            print(f"interrupted at step {self.step}; saved {self.out / 'last.pth'} (run again to resume)",
-                  file=sys.stderr)
-            raise
-        bar.close()
-        return self.evals[-1] if self.evals else {}
+        return run_loop(self, until)
 
 
 # --------------------------------------------------------------------------- export

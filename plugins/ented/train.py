@@ -36,12 +36,8 @@ Run directory and resume as ``frvideo.train.trainer.Trainer`` (``last.pth`` with
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,8 +49,10 @@ import yaml
 from frvideo.errors import ConfigError, InputError
 from frvideo.models import load_model_config
 from frvideo.train import losses as L
-from frvideo.train.trainer import (_atomic_save, _np_state_in, _np_state_out, _resolve_device, kmeans, open_data,
-                                   plot_curves, reinit_dead_codes, to_tensor, to_uint8)
+from frvideo.train.trainer import (_resolve_device, degrade_eval, ema_update, eval_indices, kmeans, lr_at, open_data,
+                                   open_run_dir, reinit_dead_codes, remember_codes, restore_run_state,
+                                   restore_vq_gan_state, run_loop, run_state, save_run, to_tensor, to_uint8,
+                                   vq_gan_state)
 
 from . import EntedRestorer, load_vqfr_codebook
 from .arch import DecodeAux, channels_last_convs
@@ -189,18 +187,13 @@ class EntedTrainer:
         if not self.usable:
             raise InputError("no training crop has a reference (every track has a single crop)")
         self._prepare_eval()
-        self.out.mkdir(parents=True, exist_ok=True)
-        last = self.out / "last.pth"
-        if last.is_file() and not fresh:
-            self._resume(last)
+        open_run_dir(self, fresh)
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     # -- eval set -------------------------------------------------------------------
     def _prepare_eval(self) -> None:
-        from frvideo.train.degradation import Degradation
         n = len(self.eval_images)
-        k = min(int(self.cfg["data"]["eval_count"]), n)
-        self.eval_idx = [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+        self.eval_idx = eval_indices(n, self.cfg["data"]["eval_count"])
         tracks = _Tracks(self.eval_images, 0)
         sharp = getattr(tracks, "sharpness", [0.0] * n)
 
@@ -214,66 +207,21 @@ class EntedTrainer:
         self.eval_hq = [self.eval_images[i] for i in self.eval_idx]
         self.eval_ref = [self.eval_images[best_ref(i, True)] for i in self.eval_idx]
         self.eval_other = [self.eval_images[best_ref(i, False)] for i in self.eval_idx]
-        preset, eseed = self.cfg["degradation"]["preset"], int(self.cfg["degradation"]["eval_seed"])
-        self.eval_lq = [Degradation(preset, seed=[eseed, j]).apply(img) for j, img in enumerate(self.eval_hq)]
+        self.eval_lq = degrade_eval(self.cfg, self.eval_hq)
 
     # -- checkpoints ------------------------------------------------------------------
     def state(self) -> dict:
-        return {
-            "params": self.net.state_dict(), "params_ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-            "disc": self.disc.state_dict() if self.disc is not None else None,
-            "disc_optimizer": self.opt_d.state_dict() if self.opt_d is not None else None,
-            "step": self.step, "last_used": self.last_used, "buffer": self.buffer, "vq_ready": self.vq_ready,
-            "rng": {"torch": torch.get_rng_state(), "numpy": _np_state_out(), "python": random.getstate()},
-            "history": self.history, "evals": self.evals, "config": self.cfg,
-            "arch": self.arch, "backend": self.backend, "stage": self.stage,
-        }
+        return {**run_state(self), **vq_gan_state(self)}
 
     def save(self) -> Path:
-        path = self.out / "last.pth"
-        _atomic_save(self.state(), path)
-        for name, rows in (("train_log.jsonl", self.history), ("eval.jsonl", self.evals)):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.out / name)
-        if self.history or self.evals:
-            plot_curves(self.out / "loss_curve.png", self.history, self.evals)
-        return path
+        return save_run(self)
 
     def _resume(self, path: Path) -> None:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-        if ck.get("stage") != self.stage or ck.get("arch") != self.arch:
-            raise ConfigError(f"{path} is from another run (stage/arch differ); use another output or --fresh")
-        self.net.load_state_dict(ck["params"])
-        self.ema.load_state_dict(ck["params_ema"])
-        self.opt.load_state_dict(ck["optimizer"])
-        if self.disc is not None and ck.get("disc") is not None:
-            self.disc.load_state_dict(ck["disc"])
-            self.opt_d.load_state_dict(ck["disc_optimizer"])
-        self.step, self.last_used, self.buffer = int(ck["step"]), ck["last_used"], ck["buffer"]
-        self.vq_ready = bool(ck["vq_ready"])
-        self.history, self.evals = list(ck["history"]), list(ck["evals"])
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(_np_state_in(rng["numpy"]))
-        random.setstate(rng["python"])
-        if not self.quiet:
-            print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
+        restore_vq_gan_state(self, restore_run_state(self, path))
 
     # -- one step ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        t = self.cfg["train"]
-        base = float(t["lr"])
-        if step < t["warmup_steps"]:
-            return base * (step + 1) / t["warmup_steps"]
-        if t["lr_schedule"] == "constant":
-            return base
-        frac = min(1.0, (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"]))
-        lo = base * float(t["lr_min_ratio"])
-        return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+        return lr_at(self.cfg["train"], step)
 
     def _batch(self, rng: np.random.Generator):
         from frvideo.train.degradation import Degradation
@@ -290,12 +238,6 @@ class EntedTrainer:
             ref.append(np.ascontiguousarray(r))
         cl = torch.channels_last
         return tuple(to_tensor(x, self.device).contiguous(memory_format=cl) for x in (hq, lq, ref))
-
-    def _remember(self, z: torch.Tensor, rng: np.random.Generator) -> None:
-        flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu()
-        take = min(flat.shape[0], max(64, self.cfg["train"]["code_buffer"] // 32))
-        sel = torch.from_numpy(rng.choice(flat.shape[0], take, replace=False))
-        self.buffer = torch.cat([self.buffer, flat[sel]])[-int(self.cfg["train"]["code_buffer"]):]
 
     def train_step(self) -> dict:
         t, lc, pc = self.cfg["train"], self.cfg["loss"], self.plugin
@@ -329,7 +271,7 @@ class EntedTrainer:
             z_dec = z + (zq.to(z.dtype) - z).detach()  # straight-through
         else:
             z_dec = z
-        self._remember(z, rng)
+        self.buffer = remember_codes(self.buffer, z, rng, int(t["code_buffer"]))
         aux = DecodeAux()
         ref_feats = net.reference(ref)
         out = net.decode_latent(z_dec, enc.feats, ref_feats, aux)
@@ -363,7 +305,7 @@ class EntedTrainer:
             ld.backward()
             self.opt_d.step()
             logs["d_loss"] = ld
-        self._update_ema()
+        ema_update(self.ema, self.net, t["ema_decay"], self.step)
         if self.vq_ready:
             self._maintain_dictionary(rng, logs)
         self.step += 1
@@ -385,14 +327,6 @@ class EntedTrainer:
             dead = reinit_dead_codes(quant, self.last_used, self.step, int(t["dead_code_window"]), self.buffer, gen,
                                      self.opt)
             logs["codes_reseeded"] = float(dead.numel())
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = min(float(self.cfg["train"]["ema_decay"]), (1 + self.step) / (10 + self.step))
-        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
-            pe.lerp_(p.detach(), 1 - decay)
-        for be, b in zip(self.ema.buffers(), self.net.buffers()):
-            be.copy_(b)
 
     # -- eval -------------------------------------------------------------------------
     @torch.no_grad()
@@ -416,43 +350,8 @@ class EntedTrainer:
         for tag, imgs in outs.items():
             row["psnr" + tag] = float(np.mean([psnr(h, o) for h, o in zip(self.eval_hq, imgs)]))
             row["ssim" + tag] = float(np.mean([ssim(h, o) for h, o in zip(self.eval_hq, imgs)]))
-        self.evals.append(row)
         return row
 
     # -- loop -------------------------------------------------------------------------
     def run(self, until: Optional[int] = None) -> dict:
-        from tqdm import tqdm
-        t = self.cfg["train"]
-        total = int(t["steps"])
-        stop = total if until is None else min(total, until)
-        acc: dict[str, list[float]] = {}
-        t0 = time.time()
-        bar = tqdm(total=total, initial=self.step, desc="train ented", unit="step", disable=self.quiet,
-                   dynamic_ncols=True)
-        try:
-            while self.step < stop:
-                logs = self.train_step()
-                for k, v in logs.items():
-                    acc.setdefault(k, []).append(v)
-                bar.update(1)
-                if self.step % t["log_every"] == 0 or self.step == stop:
-                    row = {"step": self.step, **{k: float(np.mean(v)) for k, v in acc.items()},
-                           "time": round(time.time() - t0, 2)}
-                    self.history.append(row)
-                    acc.clear()
-                    bar.set_postfix({"loss": f"{row['loss']:.4f}"})
-                if self.step % t["eval_every"] == 0 or self.step == total:
-                    ev = self.evaluate()
-                    if not self.quiet:
-                        bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in ev.items()))
-                if self.step % t["save_every"] == 0 or self.step == stop:
-                    self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()
-            print(f"interrupted at step {self.step}; saved {self.out / 'last.pth'} (run again to resume)",
-                  file=sys.stderr)
-            raise
-        bar.close()
-        return self.evals[-1] if self.evals else {}
+        return run_loop(self, until)

@@ -32,8 +32,6 @@ randomness of step s comes from generators seeded with (seed, s).
 from __future__ import annotations
 
 import copy
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,9 @@ import torch.nn.functional as F
 import yaml
 
 from frvideo.errors import ConfigError, InputError
-from frvideo.train.trainer import Trainer, _atomic_save, _resolve_device, open_data, plot_curves, to_tensor, to_uint8
+from frvideo.train.trainer import (_resolve_device, degrade_eval, ema_update, eval_indices, lr_at, open_data,
+                                   open_run_dir, restore_run_state, run_loop, run_state, save_run, to_tensor,
+                                   to_uint8)
 
 from .arch import LDBFRNet
 
@@ -104,6 +104,7 @@ class _Stage:
     checkpoints/resume, logs and the training loop."""
 
     stage = "?"
+    backend = "ldbfr"
 
     def __init__(self, cfg: dict, output: Optional[str | Path] = None, fresh: bool = False, quiet: bool = False):
         from frvideo.models import load_model_config
@@ -137,17 +138,10 @@ class _Stage:
         self.train_images, self.eval_images = open_data(cfg)
         if len(self.train_images) == 0 or len(self.eval_images) == 0:
             raise InputError("the training or the eval set is empty")
-        n = len(self.eval_images)
-        k = min(int(cfg["data"]["eval_count"]), n)
-        self.eval_idx = [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+        self.eval_idx = eval_indices(len(self.eval_images), cfg["data"]["eval_count"])
         self.eval_hq = [self.eval_images[i] for i in self.eval_idx]
-        from frvideo.train.degradation import Degradation
-        preset, eseed = cfg["degradation"]["preset"], int(cfg["degradation"]["eval_seed"])
-        self.eval_lq = [Degradation(preset, seed=[eseed, j]).apply(img) for j, img in enumerate(self.eval_hq)]
-        self.out.mkdir(parents=True, exist_ok=True)
-        last = self.out / "last.pth"
-        if last.is_file() and not fresh:
-            self._resume(last)
+        self.eval_lq = degrade_eval(cfg, self.eval_hq)
+        open_run_dir(self, fresh)
         self.prepare()
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -198,7 +192,7 @@ class _Stage:
             _load_prefixed(getattr(self.net, name), state, name + ".", path)
 
     def lr_at(self, step: int) -> float:
-        return Trainer.lr_at(self, step)  # same warm-up + cosine schedule as the toolkit's trainer
+        return lr_at(self.cfg["train"], step)
 
     def _rng(self) -> tuple[np.random.Generator, torch.Generator]:
         rng = np.random.default_rng([self.seed, self.step])
@@ -213,19 +207,8 @@ class _Stage:
         if self.cfg["train"]["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg["train"]["grad_clip"]))
         self.opt.step()
-        self._update_ema()
+        ema_update(self.ema, self.net, self.cfg["train"]["ema_decay"], self.step)
         self.step += 1
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = min(float(self.cfg["train"]["ema_decay"]), (1 + self.step) / (10 + self.step))
-        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
-            if p.requires_grad:
-                pe.lerp_(p.detach(), 1 - decay)
-            else:
-                pe.copy_(p.detach())
-        for be, b in zip(self.ema.buffers(), self.net.buffers()):
-            be.copy_(b)
 
     def _eval_psnr(self, outs: list[np.ndarray]) -> tuple[float, float]:
         from frvideo.metrics import psnr, ssim
@@ -234,74 +217,17 @@ class _Stage:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"params": self.net.state_dict(), "params_ema": self.ema.state_dict(),
-                "optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
-                "evals": self.evals, "config": self.cfg, "arch": self.arch, "backend": "ldbfr", "stage": self.stage}
+        return run_state(self)
 
     def save(self) -> Path:
-        path = self.out / "last.pth"
-        _atomic_save(self.state(), path)
-        for name, rows in (("train_log.jsonl", self.history), ("eval.jsonl", self.evals)):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.out / name)
-        if self.history or self.evals:
-            plot_curves(self.out / "loss_curve.png", self.history, self.evals)
-        return path
+        return save_run(self)
 
     def _resume(self, path: Path) -> None:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-        if ck.get("stage") != self.stage or ck.get("arch") != self.arch:
-            raise ConfigError(f"{path} is from another run (stage/arch differ); use another output or --fresh")
-        self.net.load_state_dict(ck["params"])
-        self.ema.load_state_dict(ck["params_ema"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.step = int(ck["step"])
-        self.history, self.evals = list(ck["history"]), list(ck["evals"])
-        if not self.quiet:
-            print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
+        restore_run_state(self, path)
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, until: Optional[int] = None) -> dict:
-        from tqdm import tqdm
-        t = self.cfg["train"]
-        total = int(t["steps"])
-        stop = total if until is None else min(total, until)
-        acc: dict[str, list[float]] = {}
-        t0 = time.time()
-        bar = tqdm(total=total, initial=self.step, desc=f"train {self.stage}", unit="step", disable=self.quiet,
-                   dynamic_ncols=True)
-        try:
-            while self.step < stop:
-                self.net.train()
-                for k, v in self.train_step().items():
-                    acc.setdefault(k, []).append(v)
-                bar.update(1)
-                if self.step % t["log_every"] == 0 or self.step == stop:
-                    row = {"step": self.step, **{k: float(np.mean(v)) for k, v in acc.items()},
-                           "time": round(time.time() - t0, 2)}
-                    self.history.append(row)
-                    acc.clear()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if self.step % t["eval_every"] == 0 or self.step == total:
-                    ev = self.evaluate()
-                    self.evals.append(ev)
-                    if not self.quiet:
-                        bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in ev.items()))
-                if self.step % t["save_every"] == 0 or self.step == stop:
-                    self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()
-            print(f"interrupted at step {self.step}; saved {self.out / 'last.pth'} (run again to resume)",
-                  file=sys.stderr)
-            raise
-        bar.close()
-        return self.evals[-1] if self.evals else {}
+        return run_loop(self, until)
 
     # -- data ----------------------------------------------------------------------------------
     def _pairs(self, rng: np.random.Generator, count: int, crop: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
