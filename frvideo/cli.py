@@ -202,6 +202,7 @@ def restore_command(argv: list[str]) -> int:
     restorer = load_restorer(model, args.weights, device, dtype)
     detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
     reference_options = _reference_options(args, restorer, detector, device, dtype)
+    _check_diffusion_options(args, restorer)
     options = PipelineOptions(
         batch_size=args.batch_size, fidelity=args.fidelity, min_face=args.min_face,
         only_largest=args.only_largest, track_ids=args.tracks, draw=args.draw, temporal=args.temporal,
@@ -224,6 +225,23 @@ def restore_command(argv: list[str]) -> int:
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
     return EXIT_OK
+
+
+def _check_diffusion_options(args, restorer) -> None:
+    """--steps / --fresh-noise: only for diffusion backends, and checked before any frame is read."""
+    check = getattr(restorer, "steps", None)  # diffusion backends: RestoreContext -> validated step count
+    if not callable(check):
+        given = "--steps" if args.steps is not None else "--fresh-noise" if args.fresh_noise else None
+        if given:
+            raise UsageError(f"{given} applies to diffusion models (ldbfr), not to {restorer.name!r}")
+        return
+    if args.steps is not None:
+        from .errors import ConfigError
+        from .restore import RestoreContext
+        try:
+            check(RestoreContext(steps=args.steps))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def _reference_options(args, restorer, detector, device, dtype) -> dict:

@@ -344,6 +344,8 @@ def test_cli_ldbfr_bad_steps_and_wrong_weights(tmp_path, capsys, frvideo_home):
     from frvideo.errors import EXIT_USAGE, EXIT_WEIGHTS
     clip = make_clip(tmp_path / "in.mp4", n=2, size=(64, 64))
     for argv, code in ((["--steps", "-1"], EXIT_USAGE), (["--steps", "x"], EXIT_USAGE),
+                       (["--steps", "5000"], EXIT_USAGE),  # beyond the trained schedule: caught before decoding
+                       (["--model", "lite", "--steps", "4"], EXIT_USAGE),  # not a diffusion model
                        (["--weights", str(REPO_ROOT / "plugins/lite/weights/lite.pth")], EXIT_WEIGHTS)):
         rc = main([str(clip), str(tmp_path / "o.mp4"), "--model", "ldbfr", *argv])
         err = capsys.readouterr().err.strip().splitlines()
