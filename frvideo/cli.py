@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .argtypes import number
 from .errors import (EXIT_INTERRUPTED, EXIT_OK, ConfigError, FrvideoError, UsageError)
 
 SUBCOMMANDS = ("models", "metrics", "dataset", "train")
@@ -23,49 +24,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `frvideo --help`)")
 
 
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return v
-
-
-def _unit_interval(text: str) -> float:
-    """A weight of the past in [0, 1): 1 would never let the present in."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return v
+_fraction = number(float, 0.0, 1.0)
+_non_negative = number(int, 0)
+_positive = number(int, 1)
+_unit_interval = number(float, 0.0, 1.0, high_open=True)  # a weight of the past: 1 would never let the present in
+_positive_float = number(float, 0.0, low_open=True)
 
 
 def _track_list(text: str) -> set[int]:

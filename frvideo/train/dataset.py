@@ -67,6 +67,7 @@ from typing import Iterable, Optional, Sequence
 import cv2
 import numpy as np
 
+from ..argtypes import number
 from ..errors import InputError, OutputError, UsageError
 
 __all__ = ["dataset_main", "build_dataset", "BuildOptions", "FaceCropDataset", "sharpness",
@@ -421,24 +422,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `frvideo dataset --help`)")
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v < 0 or v != v:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
+_positive = number(int, 1)
+_non_negative = number(float, 0.0)
 
 
 def dataset_main(argv: list[str]) -> int:
