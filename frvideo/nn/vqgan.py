@@ -210,3 +210,44 @@ class Generator(nn.Module):
             if after_block is not None:
                 x = after_block(i, x)
         return x
+
+
+class UnshuffleEncoder(nn.Module):
+    """B x 3 x S x S -> (latent B x emb_dim x S/c x S/c, the feature after each level, finest
+    first), c = shuffle * 2^(len(ch_mult)-1): pixel-unshuffle, then ResBlocks per level with a
+    Downsample between levels. Fully convolutional, so it trains on patches. frvideo's own
+    models (lite, ENTED's E_c / E_ref, LD-BFR's E_LQ) share it; ``channels`` lists each level's
+    feature channels (finest first) for the skips built on top."""
+
+    def __init__(self, nf: int, ch_mult: Sequence[int], res_blocks: int, emb_dim: int, shuffle: int = 2):
+        super().__init__()
+        self.shuffle = shuffle
+        self.stem = nn.Conv2d(3 * shuffle * shuffle, nf * ch_mult[0], 3, padding=1)
+        self.levels = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        self.channels: list[int] = []
+        ch = nf * ch_mult[0]
+        for i, mult in enumerate(ch_mult):
+            blocks = []
+            for _ in range(res_blocks):
+                blocks.append(ResBlock(ch, nf * mult))
+                ch = nf * mult
+            self.levels.append(nn.Sequential(*blocks))
+            self.channels.append(ch)
+            if i != len(ch_mult) - 1:
+                self.downs.append(Downsample(ch))
+        self.mid = ResBlock(ch)
+        self.norm_out = Normalize(ch)
+        self.conv_out = nn.Conv2d(ch, emb_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.stem(F.pixel_unshuffle(x, self.shuffle))
+        feats = []
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if i == len(self.levels) - 1:
+                h = self.mid(h)
+            feats.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        return self.conv_out(swish(self.norm_out(h))), feats

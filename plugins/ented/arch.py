@@ -9,7 +9,7 @@
     I_ref --E_ref--> features at every decoder level + Z_ref (h x w latent)
     omega = LatentRefinement(Z^_LQ, Z_ref)  (Eq. 5-8)
 
-* ``encoder`` (E_c) and ``ref_encoder`` (E_ref) share a design (:class:`FeatureEncoder`):
+* ``encoder`` (E_c) and ``ref_encoder`` (E_ref) share a design (:class:`frvideo.nn.vqgan.UnshuffleEncoder`):
   pixel-unshuffle by ``shuffle``, then VQGAN ResBlocks (``frvideo.nn.vqgan``) per
   level with stride-2 Downsamples, a mid ResBlock and a conv to ``emb_dim``;
   compression = shuffle * 2^(levels-1) (16 for the shipped 256 card: 16 x 16
@@ -40,7 +40,7 @@ from torch import nn
 from frvideo.nn.quantizer import VectorQuantizer
 from frvideo.nn.stylegan2 import StyleConv, ToRGB
 from frvideo.nn.texture import LatentRefinement, NeuralTextureAttention
-from frvideo.nn.vqgan import Downsample, Normalize, ResBlock, swish
+from frvideo.nn.vqgan import UnshuffleEncoder
 
 
 def channels_last_convs(net: nn.Module) -> nn.Module:
@@ -50,43 +50,6 @@ def channels_last_convs(net: nn.Module) -> nn.Module:
         if isinstance(m, nn.Conv2d):
             m.to(memory_format=torch.channels_last)
     return net
-
-
-class FeatureEncoder(nn.Module):
-    """B x 3 x S x S -> (latent B x emb_dim x S/c x S/c, features per level finest first)."""
-
-    def __init__(self, nf: int, ch_mult: Sequence[int], res_blocks: int, emb_dim: int, shuffle: int):
-        super().__init__()
-        self.shuffle = shuffle
-        self.stem = nn.Conv2d(3 * shuffle * shuffle, nf * ch_mult[0], 3, padding=1)
-        self.levels = nn.ModuleList()
-        self.downs = nn.ModuleList()
-        ch = nf * ch_mult[0]
-        self.channels = []
-        for i, mult in enumerate(ch_mult):
-            blocks = []
-            for _ in range(res_blocks):
-                blocks.append(ResBlock(ch, nf * mult))
-                ch = nf * mult
-            self.levels.append(nn.Sequential(*blocks))
-            self.channels.append(ch)
-            if i != len(ch_mult) - 1:
-                self.downs.append(Downsample(ch))
-        self.mid = ResBlock(ch)
-        self.norm_out = Normalize(ch)
-        self.conv_out = nn.Conv2d(ch, emb_dim, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = self.stem(F.pixel_unshuffle(x, self.shuffle))
-        feats = []
-        for i, level in enumerate(self.levels):
-            h = level(h)
-            if i == len(self.levels) - 1:
-                h = self.mid(h)
-            feats.append(h)
-            if i < len(self.downs):
-                h = self.downs[i](h)
-        return self.conv_out(swish(self.norm_out(h))), feats
 
 
 @dataclass
@@ -177,8 +140,8 @@ class EntedNet(nn.Module):
         if img_size % self.compression:
             raise ValueError(f"img_size {img_size} is not a multiple of the compression {self.compression}")
         self.codebook_size = codebook_size
-        self.encoder = FeatureEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)  # E_c
-        self.ref_encoder = FeatureEncoder(ref_nf or nf, ch_mult, res_blocks, emb_dim, shuffle)  # E_ref
+        self.encoder = UnshuffleEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)  # E_c
+        self.ref_encoder = UnshuffleEncoder(ref_nf or nf, ch_mult, res_blocks, emb_dim, shuffle)  # E_ref
         self.quantize = VectorQuantizer(codebook_size, emb_dim)
         nn.init.uniform_(self.quantize.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         enc_ch = self.encoder.channels[::-1]  # coarsest first, as the decoder's levels

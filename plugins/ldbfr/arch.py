@@ -36,8 +36,8 @@ from torch import nn
 from frvideo.nn.diffusion import DiffusionSchedule, LatentUNet, _attend, _tokens, ddim_sample, randn_per_sample, \
     sincos_2d
 from frvideo.nn.quantizer import VectorQuantizer
-from frvideo.nn.vqgan import Normalize
-from plugins.lite.arch import LiteDecoder, LiteEncoder
+from frvideo.nn.vqgan import Normalize, UnshuffleEncoder
+from plugins.lite.arch import LiteDecoder
 
 __all__ = ["DualCrossAttention", "LDBFRNet"]
 
@@ -102,8 +102,8 @@ class LDBFRNet(nn.Module):
         self.compression = shuffle * 2 ** (len(ch_mult) - 1)
         self.codebook_size = codebook_size
         self.emb_dim = emb_dim
-        self.lq_encoder = LiteEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
-        self.hq_encoder = LiteEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
+        self.lq_encoder = UnshuffleEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
+        self.hq_encoder = UnshuffleEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
         self.quantize = VectorQuantizer(codebook_size, emb_dim)
         self.dcam = DualCrossAttention(emb_dim, dcam_heads, dcam_heads)
         self.unet = LatentUNet(emb_dim, unet_channels, unet_mult, unet_res_blocks, unet_attn_levels, unet_heads,

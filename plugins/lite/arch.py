@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frvideo.nn.quantizer import VectorQuantizer
-from frvideo.nn.vqgan import Downsample, Normalize, ResBlock, Upsample, swish
+from frvideo.nn.vqgan import Normalize, ResBlock, UnshuffleEncoder, Upsample, swish
 
 
 class FuseSFT(nn.Module):
@@ -58,44 +58,8 @@ class FuseSFT(nn.Module):
         return dec_feat + w * (dec_feat * scale + shift)
 
 
-class LiteEncoder(nn.Module):
-    """B x 3 x S x S -> latent B x emb_dim x S/c x S/c (c = 2 * 2^(len(ch_mult)-1)),
-    plus the feature after each level (finest first) for the CFT skips."""
-
-    def __init__(self, nf: int, ch_mult: Sequence[int], res_blocks: int, emb_dim: int, shuffle: int = 2):
-        super().__init__()
-        self.shuffle = shuffle
-        self.stem = nn.Conv2d(3 * shuffle * shuffle, nf * ch_mult[0], 3, padding=1)  # after pixel-unshuffle x2
-        self.levels = nn.ModuleList()
-        self.downs = nn.ModuleList()
-        ch = nf * ch_mult[0]
-        for i, mult in enumerate(ch_mult):
-            blocks = []
-            for _ in range(res_blocks):
-                blocks.append(ResBlock(ch, nf * mult))
-                ch = nf * mult
-            self.levels.append(nn.Sequential(*blocks))
-            if i != len(ch_mult) - 1:
-                self.downs.append(Downsample(ch))
-        self.mid = ResBlock(ch)
-        self.norm_out = Normalize(ch)
-        self.conv_out = nn.Conv2d(ch, emb_dim, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = self.stem(F.pixel_unshuffle(x, self.shuffle))
-        skips = []
-        for i, level in enumerate(self.levels):
-            h = level(h)
-            if i == len(self.levels) - 1:
-                h = self.mid(h)
-            skips.append(h)
-            if i < len(self.downs):
-                h = self.downs[i](h)
-        return self.conv_out(swish(self.norm_out(h))), skips
-
-
 class LiteDecoder(nn.Module):
-    """Latent -> image, mirror of :class:`LiteEncoder`. ``level_channels`` (coarsest
+    """Latent -> image, mirror of its encoder (:class:`frvideo.nn.vqgan.UnshuffleEncoder`). ``level_channels`` (coarsest
     first) are the channels where the CFT blocks act (after each level's blocks)."""
 
     def __init__(self, nf: int, ch_mult: Sequence[int], res_blocks: int, emb_dim: int, shuffle: int = 2):
@@ -172,7 +136,7 @@ class LiteNet(nn.Module):
         self.img_size = img_size
         self.compression = shuffle * 2 ** (len(ch_mult) - 1)
         self.codebook_size = codebook_size
-        self.encoder = LiteEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
+        self.encoder = UnshuffleEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
         self.quantize = VectorQuantizer(codebook_size, emb_dim)
         self.predictor = TokenPredictor(emb_dim, predictor_channels, predictor_blocks, codebook_size)
         self.decoder = LiteDecoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
