@@ -296,19 +296,23 @@ class FacePipeline:
                              noise_seeds=None if self.opts.fresh_noise else [1000003 * t + 12345 for t in tracks],
                              steps=self.opts.steps)
         if self.keyframes is not None:
-            ctx.references = crops_to_tensor(np.stack([j.reference.crop for j in jobs]), r.device, r.dtype)
+            for ref in {id(j.reference): j.reference for j in jobs}.values():
+                if ref.tensor is None:  # once per keyframe, not once per face
+                    ref.tensor = crops_to_tensor(ref.crop[None], r.device, r.dtype)
+            ctx.references = torch.cat([j.reference.tensor for j in jobs])
             ctx.reference_ids = [j.reference.ref_id for j in jobs]
+        new_track = [j.face.new_track for j in jobs]
         if r.has_codebook:
             encoded = r.encode(faces, ctx)
             if self.smoother is not None:
-                tokens = self.smoother.choose(encoded.scores, ctx.track_ids, [j.face.new_track for j in jobs])
+                tokens = self.smoother.choose(encoded.scores, ctx.track_ids, new_track)
             else:
                 tokens = encoded.scores.argmax(-1)
             out = r.decode(encoded, tokens, ctx)
         else:
             out = r.restore(faces, ctx)
         if self.face_filter is not None:
-            out = self.face_filter(out, ctx.track_ids, [j.face.new_track for j in jobs])
+            out = self.face_filter(out, ctx.track_ids, new_track)
         for job, crop in zip(jobs, tensor_to_crops(out, jobs[0].crop.dtype)):
             job.restored = crop
 

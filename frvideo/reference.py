@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -72,6 +72,7 @@ class Keyframe:
     frame_index: int  # source frame of the reference (-1: an outside image)
     crop: np.ndarray  # aligned reference face (input_size x input_size x 3, the pipeline's dtype)
     score: float
+    tensor: Any = None  # the crop as the restorer's input (1 x 3 x S x S), made once by the pipeline
 
 
 @dataclass

@@ -187,6 +187,7 @@ class FaceFilter:
         self.max_tracks = max_tracks
         self.tracks: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._dis = None
+        self._grid = None  # pixel coordinates of the crop, for cv2.remap
 
     def reset(self) -> None:
         self.tracks.clear()
@@ -209,7 +210,9 @@ class FaceFilter:
 
         flow = self._dis.calc(grey(y), grey(prev), None)  # where each pixel of y is in prev
         h, w = flow.shape[:2]
-        gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+        if self._grid is None or self._grid[0].shape != (h, w):  # the crop size is fixed per run: build once
+            self._grid = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+        gx, gy = self._grid
         img = prev[0].permute(1, 2, 0).cpu().numpy()
         warped = cv2.remap(img, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
