@@ -191,18 +191,15 @@ def restore_command(argv: list[str]) -> int:
 
 
 def _check_diffusion_options(args, restorer) -> None:
-    """--steps / --fresh-noise: only for diffusion backends, and checked before any frame is read."""
-    check = getattr(restorer, "steps", None)  # diffusion backends: RestoreContext -> validated step count
-    if not callable(check):
+    """--steps / --fresh-noise: only for stochastic backends, and checked before any frame is read."""
+    if not restorer.stochastic:
         given = "--steps" if args.steps is not None else "--fresh-noise" if args.fresh_noise else None
         if given:
             raise UsageError(f"{given} applies to diffusion models (ldbfr), not to {restorer.name!r}")
-        return
-    if args.steps is not None:
-        from .errors import ConfigError
+    elif args.steps is not None:
         from .restore import RestoreContext
         try:
-            check(RestoreContext(steps=args.steps))
+            restorer.sampling_steps(RestoreContext(steps=args.steps))
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
 

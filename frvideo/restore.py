@@ -78,6 +78,9 @@ class Restorer:
     input_size: ClassVar[int] = 512
     codebook_size: ClassVar[Optional[int]] = None  # K; None = no token interface
     needs_reference: ClassVar[bool] = False
+    # True: a sampler that draws noise (LD-BFR): honours ctx.steps / ctx.noise_seeds and checks the
+    # step count in sampling_steps
+    stochastic: ClassVar[bool] = False
     # False: used only when asked for by name, never by ``--model auto`` (e.g. a shipped model
     # that measures below ``lite``)
     auto_select: ClassVar[bool] = True
@@ -129,6 +132,11 @@ class Restorer:
 
     def decode(self, encoded: Encoded, tokens: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no codebook interface")
+
+    def sampling_steps(self, ctx: Optional[RestoreContext]) -> int:
+        """Stochastic backends: the step count for ``ctx`` (its ``steps`` or the card's default),
+        a ConfigError if out of range. Called by the CLI before any frame is read."""
+        raise NotImplementedError(f"{self.name} does not sample")
 
     @torch.no_grad()
     def restore(self, faces: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:

@@ -211,11 +211,11 @@ def test_locked_noise_gives_identical_outputs_for_identical_inputs():
 def test_steps_come_from_the_context_or_the_card():
     r = _tiny_restorer(steps=3)
     face = torch.rand(1, 3, 64, 64) * 2 - 1
-    assert r.steps(_ctx(1, [5])) == 3 and r.steps(_ctx(1, [5], steps=7)) == 7
+    assert r.sampling_steps(_ctx(1, [5])) == 3 and r.sampling_steps(_ctx(1, [5], steps=7)) == 7
     assert not torch.equal(r.restore(face, _ctx(1, [5])), r.restore(face, _ctx(1, [5], steps=7)))
     from frvideo.errors import ConfigError
     with pytest.raises(ConfigError):
-        r.steps(_ctx(1, [5], steps=101))
+        r.sampling_steps(_ctx(1, [5], steps=101))
 
 
 # --------------------------------------------------------------------------- training

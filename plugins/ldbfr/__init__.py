@@ -37,6 +37,7 @@ class LDBFRRestorer(Restorer):
     # the shipped ldbfr-lite measures below lite (plugins/ldbfr/RECIPE.md) and is slower:
     # --model auto never picks it, --model ldbfr does
     auto_select = False
+    stochastic = True
     train_stages = {
         "ldbfr-dcvqr": "plugins.ldbfr.train:DCVQRStage",
         "ldbfr-unet": "plugins.ldbfr.train:UNetStage",
@@ -54,7 +55,7 @@ class LDBFRRestorer(Restorer):
         restorer.input_size = restorer.net.img_size
         return restorer
 
-    def steps(self, ctx: RestoreContext | None) -> int:
+    def sampling_steps(self, ctx: RestoreContext | None) -> int:
         steps = getattr(ctx, "steps", None) if ctx is not None else None
         if steps is None:
             steps = self.config.defaults.get("steps", 4)
@@ -84,6 +85,6 @@ class LDBFRRestorer(Restorer):
         f_lq = encoded.state["f_lq"]
         _, fetched = self.net.fetch(f_lq, tokens.to(self.device))
         f_hq = self.net.dcam(f_lq, fetched)
-        steps = self.steps(ctx)
+        steps = self.sampling_steps(ctx)
         z = self.net.enhance(f_hq, steps, self.generators(ctx, f_hq.shape[0])) if steps > 0 else f_hq
         return self.net.decode_latent(z).clamp(-1, 1).contiguous()
