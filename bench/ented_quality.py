@@ -40,40 +40,34 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from lite_quality import EVAL_SET, face_region, label, score  # noqa: E402
+from lite_quality import EVAL_SET, evenly_spaced, face_region, label, longest_tracks, score  # noqa: E402
 
 from frvideo.metrics import psnr  # noqa: E402
 from frvideo.reference import keyframe_score  # noqa: E402
+from frvideo.train.trainer import to_tensor, to_uint8  # noqa: E402
 from frvideo.train.degradation import Degradation  # noqa: E402
 
 
 def clips_with_keyframes(root: Path, per_clip: int, size: int) -> dict:
     """Per clip: the evaluated crops (as lite_quality picks them) and the track's keyframe ranking."""
-    from frvideo.train.dataset import FaceCropDataset
-    ds = FaceCropDataset(root, size)
+    ds, tracks = longest_tracks(root, size)
     out = {}
-    for source, idx in sorted(ds.sources().items()):
-        tracks: dict[str, list[int]] = {}
-        for i in idx:
-            tracks.setdefault(ds.entry(i)["track"], []).append(i)
-        best = max(tracks.values(), key=len)  # the longest track, in frame order (as lite_quality)
-        best.sort(key=lambda i: ds.entry(i).get("frame", 0))
-        pick = np.unique(np.linspace(0, len(best) - 1, min(per_clip, len(best))).round().astype(int))
+    for name, best in tracks.items():
         images = {i: ds[i]["image"] for i in best}
         scores = {i: keyframe_score(images[i], np.asarray(ds.entry(i)["landmarks"]), ds.entry(i).get("score", 1.0))
                   for i in best}
         ranking = sorted(best, key=lambda i: -scores[i])
-        out[Path(source).name] = {"targets": [best[j] for j in pick], "ranking": ranking, "images": images,
-                                  "frames": {i: int(ds.entry(i).get("frame", 0)) for i in best}, "scores": scores}
+        out[name] = {"targets": evenly_spaced(best, per_clip), "ranking": ranking, "images": images,
+                     "frames": {i: int(ds.entry(i).get("frame", 0)) for i in best}, "scores": scores}
     return out
 
 
 def to_t(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return to_tensor([img], "cpu")
 
 
 def to_img(t: torch.Tensor) -> np.ndarray:
-    return ((t[0].permute(1, 2, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    return to_uint8(t)[0]
 
 
 def main(argv=None) -> int:

@@ -43,30 +43,26 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from lite_quality import EVAL_SET, crops_from_eval_set, face_region, label, score  # noqa: E402
+from lite_quality import EVAL_SET, crops_from_eval_set, face_region, label, longest_tracks, score  # noqa: E402
 
 from frvideo.metrics import psnr, tdc  # noqa: E402
+from frvideo.train.trainer import to_tensor, to_uint8  # noqa: E402
 from frvideo.train.degradation import Degradation  # noqa: E402
 
 
 def to_t(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return to_tensor([img], "cpu")
 
 
 def to_img(y: torch.Tensor) -> np.ndarray:
-    return ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    return to_uint8(y)[0]
 
 
 def consecutive_crops(root: Path, count: int, size: int) -> dict[str, list[np.ndarray]]:
     """Per clip: ``count`` consecutive-frame crops from the middle of its longest track."""
-    from frvideo.train.dataset import FaceCropDataset
-    ds = FaceCropDataset(root, size)
+    ds, tracks = longest_tracks(root, size)
     out = {}
-    for source, idx in sorted(ds.sources().items()):
-        tracks: dict[str, list[int]] = {}
-        for i in idx:
-            tracks.setdefault(ds.entry(i)["track"], []).append(i)
-        best = sorted(max(tracks.values(), key=len), key=lambda i: ds.entry(i).get("frame", 0))
+    for name, best in tracks.items():
         frames = [ds.entry(i).get("frame", 0) for i in best]
         # the longest run of consecutive frame numbers, then its middle ``count``
         runs, start = [], 0
@@ -77,8 +73,7 @@ def consecutive_crops(root: Path, count: int, size: int) -> dict[str, list[np.nd
         a, b = max(runs, key=lambda r: r[1] - r[0])
         mid = (a + b) // 2
         lo = max(a, mid - count // 2)
-        pick = best[lo:min(b, lo + count)]
-        out[Path(source).name] = [ds[i]["image"] for i in pick]
+        out[name] = [ds[i]["image"] for i in best[lo:min(b, lo + count)]]
     return out
 
 

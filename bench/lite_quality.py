@@ -58,20 +58,30 @@ def face_region(size: int) -> np.ndarray:
     return m
 
 
-def crops_from_eval_set(root: Path, per_clip: int, size: int) -> dict[str, list[np.ndarray]]:
+def longest_tracks(root: Path, size: int):
+    """The eval set and, per clip (file name), the indices of its longest track in frame order:
+    the faces every quality bench (lite, ented, ldbfr) draws from."""
     from frvideo.train.dataset import FaceCropDataset
     ds = FaceCropDataset(root, size)
     out = {}
     for source, idx in sorted(ds.sources().items()):
-        # the longest track of the clip, in frame order
         tracks: dict[str, list[int]] = {}
         for i in idx:
             tracks.setdefault(ds.entry(i)["track"], []).append(i)
         best = max(tracks.values(), key=len)
         best.sort(key=lambda i: ds.entry(i).get("frame", 0))
-        pick = np.unique(np.linspace(0, len(best) - 1, min(per_clip, len(best))).round().astype(int))
-        out[Path(source).name] = [ds[best[j]]["image"] for j in pick]
-    return out
+        out[Path(source).name] = best
+    return ds, out
+
+
+def evenly_spaced(track: list[int], per_clip: int) -> list[int]:
+    pick = np.unique(np.linspace(0, len(track) - 1, min(per_clip, len(track))).round().astype(int))
+    return [track[j] for j in pick]
+
+
+def crops_from_eval_set(root: Path, per_clip: int, size: int) -> dict[str, list[np.ndarray]]:
+    ds, tracks = longest_tracks(root, size)
+    return {name: [ds[i]["image"] for i in evenly_spaced(best, per_clip)] for name, best in tracks.items()}
 
 
 def crops_from_videos(folder: Path, per_clip: int, size: int) -> dict[str, list[np.ndarray]]:
