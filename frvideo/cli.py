@@ -76,9 +76,9 @@ def build_parser() -> _Parser:
                    help="log-probability margin another token needs to replace the current one")
     g.add_argument("--temporal-strength", type=_unit_interval, default=0.8,
                    help="full: weight of the previous restored face where nothing moved, 0-0.99 (default 0.8)")
-    g.add_argument("--temporal-threshold", type=_positive_float, default=0.05,
-                   help="full: local change (0-1 of the pixel range) above which the face filter lets go "
-                        "(default 0.05)")
+    g.add_argument("--temporal-threshold", type=_positive_float, default=0.08,
+                   help="full: change in the input face (0-1 of the pixel range, motion compensated) above which "
+                        "the face filter follows the new restoration (default 0.08)")
     g.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
                    help="smooth landmarks per track so the aligned crop stays still (default on)")
     g.add_argument("--lookahead", type=int, default=4,

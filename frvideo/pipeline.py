@@ -51,8 +51,8 @@ class PipelineOptions:
     temporal_margin: float = 0.3
     temporal_tau: float = 1.0
     temporal_strength: float = 0.8  # restored-face filter: weight of the past where nothing moved
-    temporal_threshold: float = 0.05  # ... and the local change (0-1 units) at which it lets go
-    temporal_blur: float = 1.5  # ... measured after a Gaussian blur of this sigma (px at 256)
+    temporal_threshold: float = 0.08  # ... and the change in the input face (0-1 units) at which it lets go
+    temporal_guide: str = "input"  # ... motion and change measured on the input crops (or "output")
     temporal_flow: bool = True  # ... after warping the previous face onto this one (optical flow)
     smooth_landmarks: bool = True
     lookahead: int = 4  # frames of look-ahead for landmark smoothing; 0 = causal (live)
@@ -210,7 +210,7 @@ class FacePipeline:
         self.smoother = TokenSmoother(options.temporal_alpha, options.temporal_margin, options.temporal_tau) \
             if options.temporal in ("tokens", "full") and restorer.has_codebook else None
         self.face_filter = FaceFilter(options.temporal_strength, options.temporal_threshold,
-                                      options.temporal_blur, options.temporal_flow) \
+                                      options.temporal_guide, options.temporal_flow) \
             if options.temporal == "full" else None
         self.lookahead = options.lookahead if options.smooth_landmarks else 0
         self.one_euro = OneEuroLandmarks(fps) if options.smooth_landmarks and self.lookahead == 0 else None
@@ -312,7 +312,7 @@ class FacePipeline:
         else:
             out = r.restore(faces, ctx)
         if self.face_filter is not None:
-            out = self.face_filter(out, ctx.track_ids, new_track)
+            out = self.face_filter(out, ctx.track_ids, new_track, inputs=faces)
         for job, crop in zip(jobs, tensor_to_crops(out, jobs[0].crop.dtype)):
             job.restored = crop
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -161,46 +162,69 @@ class FaceFilter:
     """Motion-compensated, motion-adaptive recursive filter of the restored face, per track,
     in the aligned crop.
 
-    Tokens fix the codebook part of a face, but decoders that also draw on the
-    input (CodeFormer's w, lite's fidelity gate, VQFR's texture branch) pass the
-    per-frame input noise and compression shimmer through. The previous
-    filtered face is warped onto the current one with dense optical flow
-    (OpenCV DIS, computed between the restored faces, which are far less noisy
-    than the input) so a talking mouth or a turning head lines up, then
-    out_t = y_t + k * (warp(out_{t-1}) - y_t), with
-    k = strength * exp(-(|blur(y_t - warp(out_{t-1}))| / threshold)^2) per pixel:
-    the blurred difference averages noise away but not what the flow could not
-    explain (occlusions, a blink), where k drops to ~0 and the face follows at
-    once instead of ghosting. The classical motion-compensated temporal
-    denoiser, written here because it runs per track in aligned-crop space,
-    which no library offers. State resets on a new track or a scene cut.
+    A per-frame restorer flickers two ways: decoders that draw on the input
+    (CodeFormer's w, lite's fidelity gate, VQFR's texture branch) pass the
+    input's noise and compression shimmer through, and decoders that draw on a
+    prior (a codebook, a diffusion sampler) invent a slightly different eye or
+    tooth texture every frame. The filter keeps a running face per track:
+    out_t = y_t + k * (warp(out_{t-1}) - y_t), where warp follows the motion
+    measured by dense optical flow (OpenCV DIS) and k is high only where nothing
+    really changed. "Really" is read from the *guide*:
+
+    * ``guide="input"`` (default): motion and change are measured on the input
+      crops the faces were restored from, blurred (``guide_blur``): a blink or
+      a mouth opening is in the input, a texture the decoder drew anew is not,
+      so invented detail is held still without holding back real motion.
+      k = strength * exp(-(|blur(x_t - warp(x_{t-1}))| / threshold)^2)
+      * exp(-(|blur(y_t - warp(out_{t-1}))| / output_threshold)^2); the second,
+      loose gate lets go where the restored face jumps far from the past (a
+      flow failure the blurred input cannot show).
+    * ``guide="output"``: both measured on the restored faces (flow between
+      them, gate on their change with ``threshold``): for callers without the
+      input crops. It cannot tell invented texture from motion: the flow
+      "explains" a new texture as movement, so prior-driven flicker survives.
+
+    The classical motion-compensated temporal denoiser, written here because it
+    runs per track in aligned-crop space, which no library offers. State resets
+    on a new track or a scene cut.
     """
 
-    def __init__(self, strength: float = 0.8, threshold: float = 0.05, blur_sigma: float = 1.5,
-                 motion_compensation: bool = True, max_tracks: int = 256):
+    def __init__(self, strength: float = 0.8, threshold: float = 0.08, guide: str = "input",
+                 motion_compensation: bool = True, guide_blur: float = 3.0,
+                 output_threshold: float = 0.3, output_blur: float = 1.5, max_tracks: int = 256):
         if not 0.0 <= strength < 1.0:
             raise ValueError("face filter strength must be in [0, 1)")
-        if threshold <= 0:
-            raise ValueError("face filter threshold must be > 0")
-        self.strength, self.threshold, self.blur_sigma = strength, threshold, blur_sigma
+        if threshold <= 0 or output_threshold <= 0:
+            raise ValueError("face filter thresholds must be > 0")
+        if guide not in ("input", "output"):
+            raise ValueError(f"face filter guide must be input or output, not {guide!r}")
+        self.strength, self.threshold, self.guide = strength, threshold, guide
+        self.output_threshold, self.output_blur, self.guide_blur = output_threshold, output_blur, guide_blur
         self.motion_compensation = motion_compensation
         self.max_tracks = max_tracks
-        self.tracks: OrderedDict[int, torch.Tensor] = OrderedDict()
+        # per track: the filtered face and the input crop of its last frame
+        self.tracks: OrderedDict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = OrderedDict()
         self._dis = None
         self._grid = None  # pixel coordinates of the crop, for cv2.remap
 
     def reset(self) -> None:
         self.tracks.clear()
 
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _blur(x: torch.Tensor, sigma_at_256: float) -> torch.Tensor:
         from kornia.filters import gaussian_blur2d
-        # the kernel scales with the crop so the setting means the same at 256 and 512
-        sigma = self.blur_sigma * x.shape[-1] / 256
+        # the kernel scales with the crop so a setting means the same at 256 and 512
+        sigma = sigma_at_256 * x.shape[-1] / 256
         k = 2 * int(math.ceil(2.5 * sigma)) + 1
         return gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="replicate")
 
-    def _align_previous(self, prev: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``prev`` (1 x 3 x S x S) warped so that it lines up with ``y``."""
+    def _change(self, a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Local |a - b| in [0, 1] units (the tensors are in [-1, 1]), 1 x 1 x S x S."""
+        return self._blur(a - b, sigma).abs().mean(1, keepdim=True) * 0.5
+
+    def _align_previous(self, prev: torch.Tensor, now_src: torch.Tensor, prev_src: torch.Tensor) -> torch.Tensor:
+        """``prev`` (1 x C x S x S) warped by the optical flow from ``prev_src`` to ``now_src``
+        (1 x 3 x S x S images the motion is measured on)."""
         import cv2
         if self._dis is None:
             self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
@@ -208,7 +232,7 @@ class FaceFilter:
         def grey(t):
             return np.ascontiguousarray(((t[0].mean(0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy())
 
-        flow = self._dis.calc(grey(y), grey(prev), None)  # where each pixel of y is in prev
+        flow = self._dis.calc(grey(now_src), grey(prev_src), None)  # where each pixel of now is in prev
         h, w = flow.shape[:2]
         if self._grid is None or self._grid[0].shape != (h, w):  # the crop size is fixed per run: build once
             self._grid = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
@@ -218,22 +242,37 @@ class FaceFilter:
                            borderMode=cv2.BORDER_REPLICATE)
         return torch.from_numpy(warped).permute(2, 0, 1)[None].to(prev.device)
 
-    def __call__(self, faces: torch.Tensor, track_ids: list[int], new_track: list[bool]) -> torch.Tensor:
-        """Filtered faces (B x 3 x S x S, [-1, 1]), given in time order within each track."""
+    def __call__(self, faces: torch.Tensor, track_ids: list[int], new_track: list[bool],
+                 inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Filtered faces (B x 3 x S x S, [-1, 1]), given in time order within each track.
+        ``inputs``: the crops the faces were restored from (needed by the input guide)."""
         if self.strength == 0:
             return faces
+        by_input = self.guide == "input"
+        if by_input and (inputs is None or inputs.shape != faces.shape):
+            raise ValueError("the input-guided face filter needs the input crops, one per face")
         out = faces.clone()
         for b, tid in enumerate(track_ids):
             y = faces[b:b + 1].float()
-            prev = None if new_track[b] else self.tracks.get(tid)
-            if prev is not None and prev.shape == y.shape:
-                if self.motion_compensation:
-                    prev = self._align_previous(prev, y)
-                # [-1, 1] range: the difference is halved to read in [0, 1] units like the threshold
-                change = self._blur(y - prev).abs().mean(1, keepdim=True) * 0.5
-                k = self.strength * torch.exp(-(change / self.threshold) ** 2)
-                y = y + k * (prev - y)
-            self.tracks[tid] = y
+            x = inputs[b:b + 1].float() if by_input else None
+            state = None if new_track[b] else self.tracks.get(tid)
+            if state is not None and state[0].shape == y.shape:
+                prev, prev_x = state
+                if by_input:
+                    x_blur, prev_x_blur = self._blur(x, self.guide_blur), self._blur(prev_x, self.guide_blur)
+                    if self.motion_compensation:  # one flow, measured on the input, moves both
+                        both = self._align_previous(torch.cat([prev, prev_x_blur], 1), x_blur, prev_x_blur)
+                        prev, prev_x_blur = both[:, :3], both[:, 3:]
+                    # blurred first, then compared: the same as comparing blurs, the warp aside
+                    in_change = (x_blur - prev_x_blur).abs().mean(1, keepdim=True) * 0.5
+                    k = torch.exp(-(in_change / self.threshold) ** 2) \
+                        * torch.exp(-(self._change(y, prev, self.output_blur) / self.output_threshold) ** 2)
+                else:
+                    if self.motion_compensation:
+                        prev = self._align_previous(prev, y, prev)
+                    k = torch.exp(-(self._change(y, prev, self.output_blur) / self.threshold) ** 2)
+                y = y + self.strength * k * (prev - y)
+            self.tracks[tid] = (y, x)
             self.tracks.move_to_end(tid)
             if len(self.tracks) > self.max_tracks:
                 self.tracks.popitem(last=False)

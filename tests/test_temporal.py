@@ -1,6 +1,7 @@
 """Token and landmark smoothing: stability where the evidence is noise,
 following where it really changes."""
 import numpy as np
+import pytest
 import torch
 
 from frvideo.faces.align import FFHQ_TEMPLATE_512
@@ -128,7 +129,7 @@ def test_face_filter_averages_noise_on_a_still_face():
     # iid noise on a still face: a recursive filter with weight s leaves (1 - s) / (1 + s) of
     # the noise variance (0.25 at s = 0.6) where it does not let go
     base, seq = _face_sequence(40, noise=0.02)
-    out = _filter(FaceFilter(strength=0.6, threshold=0.05), seq)
+    out = _filter(FaceFilter(strength=0.6, threshold=0.05, guide="output"), seq)
     var_in = torch.stack([x - base for x in seq[10:]]).var().item()
     var_out = torch.stack([x - base for x in out[10:]]).var().item()
     assert 0.2 < var_out / var_in < 0.35
@@ -143,7 +144,7 @@ def test_face_filter_follows_a_real_change_at_once():
     changed = base.clone()
     changed[..., 20:44, 20:44] += 0.5  # a mouth opens: far above the threshold
     seq[8:] = [changed + (x - base) for x in seq[8:]]
-    out = _filter(FaceFilter(strength=0.8, threshold=0.05), seq)
+    out = _filter(FaceFilter(strength=0.8, threshold=0.05, guide="output"), seq)
     region = (..., slice(24, 40), slice(24, 40))
     assert (out[8][region] - seq[8][region]).abs().max() < 0.01  # no ghost of the closed mouth
     # and where nothing changed, the filter keeps averaging
@@ -153,7 +154,7 @@ def test_face_filter_follows_a_real_change_at_once():
 def test_face_filter_tracks_are_independent_and_reset():
     _, a = _face_sequence(3, noise=0.0, seed=1)
     _, b = _face_sequence(3, noise=0.0, seed=2)
-    f = FaceFilter(strength=0.9, threshold=10.0)  # threshold so high that it always averages
+    f = FaceFilter(strength=0.9, threshold=10.0, guide="output")  # threshold so high that it always averages
     f(a[0], [1], [True])
     out_b = f(b[0], [2], [True])
     assert torch.equal(out_b, b[0])  # a new track starts from its own face
@@ -161,7 +162,7 @@ def test_face_filter_tracks_are_independent_and_reset():
     assert torch.equal(f(b[1], [2], [True]), b[1])  # new_track: no memory of the old one
     f.reset()
     assert torch.equal(f(a[2], [1], [False]), a[2])
-    assert torch.equal(FaceFilter(strength=0.0)(a[0], [1], [False]), a[0])
+    assert torch.equal(FaceFilter(strength=0.0)(a[0], [1], [False], inputs=a[0]), a[0])
 
 
 def test_face_filter_compensates_motion():
@@ -176,10 +177,77 @@ def test_face_filter_compensates_motion():
     def error(frames):  # vs the clean face, away from the wrap-around border of roll
         return torch.stack([(a - c)[..., 8:-8, 8:-8].pow(2).mean() for a, c in zip(frames[5:], clean[5:])]).mean()
 
-    compensated = _filter(FaceFilter(strength=0.6, threshold=0.05), seq)
-    uncompensated = _filter(FaceFilter(strength=0.6, threshold=0.05, motion_compensation=False), seq)
+    compensated = _filter(FaceFilter(strength=0.6, threshold=0.05, guide="output"), seq)
+    uncompensated = _filter(FaceFilter(strength=0.6, threshold=0.05, guide="output", motion_compensation=False), seq)
     assert error(compensated) < 0.5 * error(seq)
     assert error(uncompensated) > error(seq)
+
+
+def _guided(f, outputs, inputs, track=0):
+    return [f(y, [track], [t == 0], inputs=x) for t, (y, x) in enumerate(zip(outputs, inputs))]
+
+
+def _frame_change(seq):
+    return torch.stack([(b - a)[..., 8:-8, 8:-8].pow(2).mean() for a, b in zip(seq[5:], seq[6:])]).mean()
+
+
+def _invented_texture(T, seed, size=64, amplitude=0.12):
+    """A still input face and restorations that invent a new smooth texture on it every frame
+    (a codebook or diffusion decoder's flicker): larger than the output-guided threshold."""
+    g = torch.Generator().manual_seed(seed)
+    base, inputs = _face_sequence(T, noise=0.01, seed=seed, size=size)
+    texture = [torch.nn.functional.avg_pool2d(torch.randn(1, 3, size, size, generator=g), 5, 1, 2) * amplitude * 5
+               for _ in range(T)]
+    return base, inputs, [base + t for t in texture]
+
+
+def test_input_guided_filter_holds_invented_texture_still():
+    # what the decoder invents is not in the input: guided by the input the filter holds it still;
+    # guided by the restored faces the texture change reads as motion or as a real change and survives
+    _, inputs, outputs = _invented_texture(24, seed=3)
+    by_input = _guided(FaceFilter(strength=0.8), outputs, inputs)
+    by_output = _guided(FaceFilter(strength=0.8, threshold=0.05, guide="output"), outputs, inputs)
+    assert _frame_change(by_input) < 0.2 * _frame_change(outputs)
+    assert _frame_change(by_output) > 0.5 * _frame_change(outputs)
+
+
+def test_input_guided_filter_follows_a_change_in_the_input():
+    base, inputs = _face_sequence(12, noise=0.01, seed=4)
+    changed = base.clone()
+    changed[..., 20:44, 20:44] += 0.5  # a mouth opens: in the input and in the restoration
+    inputs[8:] = [changed + (x - base) for x in inputs[8:]]
+    outputs = [x.clone() for x in inputs]
+    out = _guided(FaceFilter(strength=0.8), outputs, inputs)
+    region = (..., slice(26, 38), slice(26, 38))
+    assert (out[8][region] - outputs[8][region]).abs().max() < 0.02  # no ghost of the closed mouth
+    assert (out[8][..., :8, :8] - outputs[8][..., :8, :8]).abs().mean() > 0.002  # still averaging elsewhere
+
+
+def test_input_guided_filter_compensates_motion_measured_on_the_input():
+    # the face drifts 1-2 px per frame; the input is a blurred, noisy view of it, the restoration
+    # a sharp noisy one: the flow from the blurred input lines the past up well enough to average
+    g = torch.Generator().manual_seed(5)
+    base = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 128, 128, generator=g), 7, 1, 3)
+    base = (base - base.mean()) / base.std() * 0.4
+    clean = [torch.roll(base, shifts=(t, 2 * t), dims=(2, 3)) for t in range(16)]
+    inputs = [torch.nn.functional.avg_pool2d(c, 5, 1, 2) + 0.03 * torch.randn(c.shape, generator=g) for c in clean]
+    outputs = [c + 0.03 * torch.randn(c.shape, generator=g) for c in clean]
+
+    def error(frames):
+        return torch.stack([(a - c)[..., 8:-8, 8:-8].pow(2).mean() for a, c in zip(frames[5:], clean[5:])]).mean()
+
+    compensated = _guided(FaceFilter(strength=0.6), outputs, inputs)
+    uncompensated = _guided(FaceFilter(strength=0.6, motion_compensation=False), outputs, inputs)
+    assert error(compensated) < 0.5 * error(outputs)
+    assert error(uncompensated) > error(compensated)
+
+
+def test_input_guided_filter_needs_the_inputs():
+    _, seq = _face_sequence(2, noise=0.0)
+    with pytest.raises(ValueError, match="input crops"):
+        FaceFilter()(seq[0], [0], [True])
+    with pytest.raises(ValueError, match="guide"):
+        FaceFilter(guide="restored")
 
 
 def test_pipeline_full_mode_steadies_a_still_noisy_face():
