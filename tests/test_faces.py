@@ -91,7 +91,10 @@ def test_ctrl_c_leaves_no_output(tmp_path, home_with_detectors):
     dst = tmp_path / "out.mp4"
     proc = subprocess.Popen([sys.executable, "-m", "frvideo", str(src), str(dst), "--model", "none",
                              "--detector", "yunet", "--preset", "veryslow", "-q"],
-                            stderr=subprocess.PIPE, env=dict(os.environ))
+                            stderr=subprocess.PIPE, env=dict(os.environ),
+                            # a shell starts background jobs with SIGINT ignored, and a child inherits that:
+                            # give the run the default disposition, as a terminal's Ctrl-C would find it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
         time.sleep(0.05)
