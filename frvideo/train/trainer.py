@@ -607,6 +607,24 @@ def write_run_logs(out: Path, history: list[dict], evals: list[dict]) -> None:
         plot_curves(out / "loss_curve.png", history, evals)
 
 
+def start_run(trainer, cfg: dict, output) -> None:
+    """The run basics every stage sets the same way: seed, output folder, CPU threads, device."""
+    t = cfg["train"]
+    trainer.seed = int(t["seed"])
+    trainer.out = Path(output or cfg["output"]).expanduser()
+    if t["threads"]:
+        torch.set_num_threads(int(t["threads"]))
+    trainer.device = _resolve_device(str(t["device"]))
+
+
+def open_train_eval(cfg: dict):
+    """The training and eval image sets of ``cfg``; an empty one is an input error."""
+    train, evaluation = open_data(cfg)
+    if len(train) == 0 or len(evaluation) == 0:
+        raise InputError("the training or the eval set is empty")
+    return train, evaluation
+
+
 def run_state(trainer) -> dict:
     """The checkpoint entries every trainer writes (a trainer adds its own)."""
     return {"params": trainer.net.state_dict(), "params_ema": trainer.ema.state_dict(),
@@ -726,11 +744,7 @@ class Trainer:
         self.quiet = quiet
         t, lc = cfg["train"], cfg["loss"]
         self.stage = cfg["stage"]
-        self.seed = int(t["seed"])
-        self.out = Path(output or cfg["output"]).expanduser()
-        if t["threads"]:
-            torch.set_num_threads(int(t["threads"]))
-        self.device = _resolve_device(str(t["device"]))
+        start_run(self, cfg, output)
         self.amp = (bool(t["amp"]) and self.device.type == "cuda") or \
             (bool(t["cpu_bf16"]) and self.device.type == "cpu")
         self.memory_format = torch.channels_last if t["channels_last"] else torch.contiguous_format
@@ -785,9 +799,7 @@ class Trainer:
         self.history: list[dict] = []
         self.evals: list[dict] = []
 
-        self.train_images, self.eval_images = open_data(cfg)
-        if len(self.train_images) == 0 or len(self.eval_images) == 0:
-            raise InputError("the training or the eval set is empty")
+        self.train_images, self.eval_images = open_train_eval(cfg)
         self._prepare_eval()
 
         open_run_dir(self, fresh)

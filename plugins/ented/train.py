@@ -49,7 +49,7 @@ import yaml
 from frvideo.errors import ConfigError, InputError
 from frvideo.models import load_model_config
 from frvideo.train import losses as L
-from frvideo.train.trainer import (_resolve_device, degrade_eval, ema_update, eval_indices, kmeans, lr_at, open_data,
+from frvideo.train.trainer import (start_run, degrade_eval, ema_update, eval_indices, kmeans, lr_at, open_data,
                                    open_run_dir, reinit_dead_codes, remember_codes, restore_run_state,
                                    restore_vq_gan_state, run_loop, run_state, save_run, to_tensor, to_uint8,
                                    vq_gan_state)
@@ -136,11 +136,7 @@ class EntedTrainer:
             raise ConfigError("stage ented trains on whole faces (the attention looks across the face): "
                               "set data.crop: null")
         self.stage = cfg["stage"]
-        self.seed = int(t["seed"])
-        self.out = Path(output or cfg["output"]).expanduser()
-        if t["threads"]:
-            torch.set_num_threads(int(t["threads"]))
-        self.device = _resolve_device(str(t["device"]))
+        start_run(self, cfg, output)
         torch.manual_seed(self.seed)
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import yaml
 
 from frvideo.errors import ConfigError, InputError
-from frvideo.train.trainer import (_resolve_device, degrade_eval, ema_update, eval_indices, lr_at, open_data,
+from frvideo.train.trainer import (start_run, open_train_eval, degrade_eval, ema_update, eval_indices, lr_at,
                                    open_run_dir, restore_run_state, run_loop, run_state, save_run, to_tensor,
                                    to_uint8)
 
@@ -111,11 +111,7 @@ class _Stage:
         self.cfg, self.quiet = cfg, quiet
         self.p = _plugin_cfg(cfg)
         t = cfg["train"]
-        self.seed = int(t["seed"])
-        self.out = Path(output or cfg["output"]).expanduser()
-        if t["threads"]:
-            torch.set_num_threads(int(t["threads"]))
-        self.device = _resolve_device(str(t["device"]))
+        start_run(self, cfg, output)
         torch.manual_seed(self.seed)
         m = cfg["model"]
         self.arch = dict(load_model_config(m["card"]).arch) if m["card"] else {}
@@ -135,9 +131,7 @@ class _Stage:
         self.step = 0
         self.history: list[dict] = []
         self.evals: list[dict] = []
-        self.train_images, self.eval_images = open_data(cfg)
-        if len(self.train_images) == 0 or len(self.eval_images) == 0:
-            raise InputError("the training or the eval set is empty")
+        self.train_images, self.eval_images = open_train_eval(cfg)
         self.eval_idx = eval_indices(len(self.eval_images), cfg["data"]["eval_count"])
         self.eval_hq = [self.eval_images[i] for i in self.eval_idx]
         self.eval_lq = degrade_eval(cfg, self.eval_hq)
