@@ -31,6 +31,13 @@ _unit_interval = number(float, 0.0, 1.0, high_open=True)  # a weight of the past
 _positive_float = number(float, 0.0, low_open=True)
 
 
+def _strength(text: str):
+    """--strength: 'auto' (None) or a number in [0, 1]."""
+    if str(text).strip().lower() == "auto":
+        return None
+    return _fraction(text)
+
+
 def _track_list(text: str) -> set[int]:
     try:
         return {int(t) for t in text.split(",") if t.strip()}
@@ -67,6 +74,19 @@ def build_parser() -> _Parser:
     g.add_argument("--only-largest", action="store_true", help="restore only the largest face of each frame")
     g.add_argument("--tracks", type=_track_list, help="restore only these track ids (see --draw), e.g. 0,2")
     g.add_argument("--draw", action="store_true", help="draw boxes, landmarks and track ids on the output")
+    g.add_argument("--bridge", type=_non_negative, default=8, metavar="N",
+                   help="a face the detector misses for up to N frames stays restored: landmarks interpolated "
+                        "between the detections around the gap (predicted with --lookahead 0); 0 = off (default 8)")
+    g.add_argument("--faces", metavar="FILE.jsonl",
+                   help="write every tracked face of every frame (track, box, landmarks, score, detected or "
+                        "bridged) as JSON lines, the format `frvideo metrics --boxes` reads")
+    g = p.add_argument_group("blend")
+    g.add_argument("--strength", type=_strength, default=None, metavar="auto|S",
+                   help="how much of the restoration reaches the video: auto (default) measures how degraded "
+                        "each face is (blur, noise) and leaves a clean face almost as it was; 0..1 fixes it")
+    g.add_argument("--keep-detail", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the input's own detail band by band wherever the restoration has less of it "
+                        "(noise excepted) (default on)")
     g = p.add_argument_group("temporal")
     g.add_argument("--temporal", default="full", choices=["off", "tokens", "full"],
                    help="tokens: codebook-token smoothing per track; full: tokens plus a motion-compensated "
@@ -173,7 +193,8 @@ def restore_command(argv: list[str]) -> int:
         temporal_strength=args.temporal_strength, temporal_threshold=args.temporal_threshold,
         allow_damaged=args.ignore_damage, smooth_landmarks=args.smooth_landmarks, lookahead=args.lookahead,
         encode=EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt),
-        steps=args.steps, fresh_noise=args.fresh_noise,
+        steps=args.steps, fresh_noise=args.fresh_noise, bridge=args.bridge, strength=args.strength,
+        keep_detail=args.keep_detail,
     )
     for key, value in reference_options.items():
         setattr(options, key, value)
@@ -181,10 +202,11 @@ def restore_command(argv: list[str]) -> int:
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
               f"({str(dtype).replace('torch.', '')})", file=sys.stderr)
-    stats = run_file(args.input, args.output, restorer, detector, options, note)
+    stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
     if not args.quiet:
-        print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces), {stats.faces} faces "
-              f"in {stats.tracks} tracks, {stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
+        print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
+              f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
+              f"{stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
     return EXIT_OK

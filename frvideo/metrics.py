@@ -45,7 +45,8 @@ frame (frame index order), each a list of boxes ``[x1, y1, x2, y2, ...]``
 (extra numbers such as a score are ignored): either a plain list
 ``[[[x1, y1, x2, y2], ...], [], ...]``, ``{"frames": <that list>}``, or a dict
 ``{"<frame index>": [[x1, y1, x2, y2], ...], ...}`` where missing frames have
-no face.
+no face; or the JSON-lines file ``frvideo --faces FILE.jsonl`` writes (one
+``{"frame": i, "faces": [{"box": [...], ...}]}`` per line).
 
 ``--json`` prints one object; a number that is undefined is ``null``, an
 infinite PSNR (identical videos) the string ``"inf"``.
@@ -410,13 +411,38 @@ class _Parser(argparse.ArgumentParser):
 
 def _load_boxes(path: str) -> tuple[Optional[list], Optional[dict]]:
     """(list per frame, or None) and (dict index -> boxes, or None)."""
+    records = _load_face_records(path)
+    if records is not None:
+        return None, {k: [f["box"] for f in faces] for k, faces in records.items()}
+    return _load_plain_boxes(path)
+
+
+def _load_face_records(path: str) -> Optional[dict[int, list[dict]]]:
+    """A ``frvideo --faces`` JSON-lines file as frame -> face records; None for other formats."""
+    from .faces.facelog import parse_face_log
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            first = f.readline()
+            if not first.lstrip().startswith("{") or '"frame"' not in first:
+                return None
+            f.seek(0)
+            return parse_face_log(f)
+    except (OSError, UnicodeDecodeError):
+        return None  # reported by the plain loader
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"faces file {path} is not valid JSON lines: {exc}") from None
+
+
+def _load_plain_boxes(path: str) -> tuple[Optional[list], Optional[dict]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         raise InputError(f"boxes file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read boxes file {path}: {exc}") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"boxes file {path} is not JSON ({exc.msg}, line {exc.lineno})") from None
     if isinstance(data, dict) and "frames" in data:
@@ -441,6 +467,8 @@ def _load_boxes(path: str) -> tuple[Optional[list], Optional[dict]]:
 
 
 def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
     if isinstance(v, float):
         if math.isnan(v):
             return None
@@ -472,7 +500,25 @@ def metrics_main(argv: list[str]) -> int:
     p.add_argument("--margin", type=float, default=0.0, help="widen each box by this fraction per side")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-warp", action="store_true", help="skip the optical-flow E_warp (faster)")
+    p.add_argument("--identity", action="store_true",
+                   help="also the identity distance (dlib face descriptor; same person < 0.6) of each OUT face "
+                        "to the REF face, per track: mean and worst. Faces and tracks come from --boxes when it "
+                        "is a `frvideo --faces` file, else from --detector on REF (needs the [metrics] extra)")
+    p.add_argument("--identity-every", type=int, default=1, metavar="N",
+                   help="with --identity: measure every N-th frame (default 1)")
+    p.add_argument("--detector", default="auto", help="with --identity and no faces file: detector for REF's faces")
     args = p.parse_args(argv)
+    if args.identity_every < 1:
+        raise UsageError("--identity-every must be >= 1")
+    identity = tracker = detector = None
+    records = _load_face_records(args.boxes) if args.boxes else None
+    if args.identity:
+        from .identity import IdentityMeter
+        identity = IdentityMeter()
+        if records is None or not all("track" in f for faces in records.values() for f in faces):
+            from .faces.detect import load_detector
+            from .faces.tracker import FaceTracker
+            detector, tracker = load_detector(args.detector), FaceTracker()
 
     box_list, box_dict = _load_boxes(args.boxes) if args.boxes else (None, None)
     with open_reader(args.ref) as ref, open_reader(args.out) as out:
@@ -514,6 +560,16 @@ def metrics_main(argv: list[str]) -> int:
                 with_faces += bool(mask.any())
             flicker.update(r, o, mask)
             quality.update(r, o, mask)
+            if identity is not None:
+                if tracker is not None:  # faces of REF, tracked, on every frame (tracks need them all)
+                    from .io.frames import to_rgb8
+                    faces = tracker.update(detector.detect(to_rgb8(r)))
+                    boxes, tids = [f.box for f in faces], [f.track_id for f in faces]
+                else:
+                    faces = records.get(n, [])
+                    boxes, tids = [f["box"] for f in faces], [f["track"] for f in faces]
+                if n % args.identity_every == 0:
+                    identity.update(r, o, boxes, tids)
             n += 1
         if box_list is not None and len(box_list) != n:
             raise UsageError(f"boxes file {args.boxes} has {len(box_list)} frames, the videos {n}")
@@ -522,8 +578,12 @@ def metrics_main(argv: list[str]) -> int:
            "frames_with_faces": with_faces if args.boxes else n}
     res.update({k: v for k, v in flicker.result().items() if k not in ("frames",)})
     res.update(quality.result())
+    if identity is not None:
+        ident = identity.result()
+        res["identity"] = {"mean": ident["mean"], "worst": ident["worst"], "faces": ident["faces"],
+                           "tracks": {str(t): v for t, v in ident["tracks"].items()}}
     if args.json:
-        print(json.dumps({k: _jsonable(v) for k, v in res.items()}, allow_nan=False))
+        print(json.dumps(_jsonable(res), allow_nan=False))
     else:
         region = (f"face boxes from {args.boxes} ({with_faces} frames with faces)" if args.boxes
                   else "whole frame")
@@ -533,6 +593,13 @@ def metrics_main(argv: list[str]) -> int:
               f"(reference itself: {_fmt(res['warp_error_ref'], '.4e')})")
         print(f"PSNR     {_fmt(res['psnr'], '.2f')} dB")
         print(f"SSIM     {_fmt(res['ssim'], '.4f')}")
+        if identity is not None:
+            from .identity import SAME_PERSON
+            ident = res["identity"]
+            print(f"identity {_fmt(ident['mean'], '.3f')} mean, {_fmt(ident['worst'], '.3f')} worst distance "
+                  f"over {ident['faces']} faces (same person < {SAME_PERSON})")
+            for t, v in ident["tracks"].items():
+                print(f"  track {t}: {v['faces']} faces, mean {v['mean']:.3f}, worst {v['worst']:.3f}")
     return 0
 
 

@@ -5,7 +5,17 @@ bounded queues, so memory stays flat however long the video is. The main
 thread detects and tracks faces frame by frame, queues aligned crops, and runs
 the restorer on batches of faces from several frames and tracks. A frame is
 handed to the encoder as soon as all its faces are back, always in order.
-A frame with no face to restore is passed on as the decoded frame itself.
+
+Nothing around the restorer alters a pixel the restorer did not change: what
+is pasted back is the change to the input crop (``faces/detail.py`` decides how
+much of the restoration to keep), added to the decoded samples
+(``io.frames.add_rgb_deltas``). A frame with no face, or whose faces came back
+unchanged, is passed on as the decoded frame itself.
+
+A track the detector misses for up to ``bridge`` frames stays restored: the
+frames of the gap wait in the look-ahead window until the face is found again
+and get landmarks interpolated between the detections on both sides; without
+look-ahead (causal runs) the face is predicted from its last motion instead.
 """
 from __future__ import annotations
 
@@ -25,11 +35,12 @@ from tqdm import tqdm
 
 from .errors import FrvideoError
 from .faces.align import similarity_transforms, warp_faces
-from .faces.blend import crop_mask, paste_face
+from .faces.blend import change_to_frame, outline_mask
+from .faces.detail import BlendSettings, FaceBlend
 from .faces.detect import FaceDetector
 from .faces.tracker import FaceTracker, SceneCutDetector, TrackedFace, select_faces
 from .io import EncodeOptions, open_reader, open_writer
-from .io.frames import from_rgb, to_rgb, to_rgb8
+from .io.frames import add_rgb_deltas, from_rgb, to_rgb, to_rgb8
 from .io.reader import STDIO, is_url
 from .reference import Keyframe, KeyframeSelector
 from .restore import RestoreContext, Restorer
@@ -56,6 +67,10 @@ class PipelineOptions:
     temporal_flow: bool = True  # ... after warping the previous face onto this one (optical flow)
     smooth_landmarks: bool = True
     lookahead: int = 4  # frames of look-ahead for landmark smoothing; 0 = causal (live)
+    # a track missed by the detector for up to this many frames stays restored (0: never bridge)
+    bridge: int = 8
+    strength: Optional[float] = None  # how much of the restoration to keep; None = auto per face
+    keep_detail: bool = True  # keep the input's band wherever the restoration has less signal
     quiet: bool = False
     allow_damaged: bool = False
     encode: EncodeOptions = field(default_factory=EncodeOptions)
@@ -75,7 +90,10 @@ class FaceJob:
     transform: np.ndarray
     crop: np.ndarray
     frame_index: int
-    restored: Optional[np.ndarray] = None
+    mask: np.ndarray  # crop-space blend mask (the face outline)
+    done: bool = False
+    change: Optional[np.ndarray] = None  # S x S x 3 float32 change to the input crop; None = unchanged
+    strength: float = 0.0
     reference: Optional[Keyframe] = None  # reference-based backends: the track's keyframe
 
 
@@ -83,14 +101,14 @@ class FaceJob:
 class PendingFrame:
     index: int
     frame: av.VideoFrame
-    rgb: Optional[np.ndarray] = None  # only for frames with faces
+    rgb: Optional[np.ndarray] = None  # while the frame is in the look-ahead window
     chosen: list[TrackedFace] = field(default_factory=list)  # faces to restore
     jobs: list[FaceJob] = field(default_factory=list)
-    faces: list[TrackedFace] = field(default_factory=list)  # all tracked (for --draw)
+    faces: list[TrackedFace] = field(default_factory=list)  # all tracked, detected and bridged
 
     @property
     def ready(self) -> bool:
-        return all(j.restored is not None for j in self.jobs)
+        return all(j.done for j in self.jobs)
 
 
 @dataclass
@@ -99,8 +117,16 @@ class RunStats:
     frames_with_faces: int = 0
     faces: int = 0
     tracks: int = 0
+    frames_bridged: int = 0  # frames with a face filled in between detections (or predicted)
+    faces_bridged: int = 0
+    faces_changed: int = 0  # faces the restoration actually changed
+    strength_sum: float = 0.0  # of the faces restored (mean = strength_sum / faces)
     seconds: float = 0.0
     references: list[str] = field(default_factory=list)  # reference-based backends: keyframe per track
+
+    @property
+    def mean_strength(self) -> float:
+        return self.strength_sum / self.faces if self.faces else 0.0
 
     @property
     def fps(self) -> float:
@@ -185,11 +211,10 @@ def crops_to_tensor(crops: np.ndarray, device, dtype) -> torch.Tensor:
     return (t / scale * 2.0 - 1.0).to(dtype)
 
 
-def tensor_to_crops(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """N x 3 x S x S in [-1, 1] (clamped here, as the official scripts do) -> uint8/uint16."""
-    scale = 255.0 if dtype == np.uint8 else 65535.0
-    t = ((t.float().clamp(-1, 1) + 1.0) / 2.0 * scale).round()
-    return t.permute(0, 2, 3, 1).cpu().numpy().astype(dtype)
+def interpolate_face(a: TrackedFace, b: TrackedFace, t: float) -> TrackedFace:
+    """The face of a's track at fraction t of the way from detection a to detection b."""
+    return TrackedFace(a.track_id, (1 - t) * a.box + t * b.box, (1 - t) * a.landmarks + t * b.landmarks,
+                       min(a.score, b.score), bridged=True)
 
 
 # -- the pipeline -----------------------------------------------------------------
@@ -197,13 +222,13 @@ def tensor_to_crops(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
 class FacePipeline:
     """Restores the faces of a stream of frames (any iterable of av.VideoFrame)."""
 
-    def __init__(self, restorer: Restorer, detector: FaceDetector, options: PipelineOptions, fps: float = 25.0):
+    def __init__(self, restorer: Restorer, detector: FaceDetector, options: PipelineOptions, fps: float = 25.0,
+                 on_faces: Optional[Callable[[int, list[TrackedFace], list[TrackedFace]], None]] = None):
         self.restorer = restorer
         self.detector = detector
         self.opts = options
         self.size = restorer.input_size
-        self.mask = crop_mask(self.size)
-        self.tracker = FaceTracker()
+        self.tracker = FaceTracker(max_missed=max(options.bridge, 1))
         self.scene_cut = SceneCutDetector()
         if options.temporal not in ("off", "tokens", "full"):
             raise ValueError(f"temporal must be off, tokens or full, not {options.temporal!r}")
@@ -212,20 +237,28 @@ class FacePipeline:
         self.face_filter = FaceFilter(options.temporal_strength, options.temporal_threshold,
                                       options.temporal_guide, options.temporal_flow) \
             if options.temporal == "full" else None
+        self.blend = FaceBlend(self.size, BlendSettings(strength=options.strength, keep_detail=options.keep_detail))
         self.lookahead = options.lookahead if options.smooth_landmarks else 0
-        self.one_euro = OneEuroLandmarks(fps) if options.smooth_landmarks and self.lookahead == 0 else None
+        # causal runs (--lookahead 0) hold no frame back; files wait long enough to bridge a gap
+        self.causal = options.lookahead == 0
+        self.window_len = 0 if self.causal else max(self.lookahead, options.bridge)
+        self.one_euro = OneEuroLandmarks(fps) if options.smooth_landmarks and self.causal else None
         self.history: dict[int, deque] = {}  # track id -> raw landmarks of the last frames
+        self.last_detected: dict[int, tuple[PendingFrame, TrackedFace]] = {}  # track id -> its last detection
+        self.window: deque[PendingFrame] = deque()  # detected, waiting for look-ahead (and gaps to close)
+        self.on_faces = on_faces
         self.stats = RunStats()
         self._track_ids: set[int] = set()
         self.keyframes = KeyframeSelector(fixed=options.reference, fixed_label=options.reference_label,
                                           prepare=options.reference_prepare) if restorer.needs_reference else None
 
-    # one frame in: detection and tracking
+    # one frame in: detection, tracking, bridging
     def _detect(self, index: int, frame: av.VideoFrame) -> PendingFrame:
         rgb = to_rgb(frame)
         rgb8 = to_rgb8(rgb)
         if self.scene_cut(rgb8):
             self.tracker.reset()
+            self.last_detected.clear()
             if self.smoother is not None:
                 self.smoother.reset()
             if self.face_filter is not None:
@@ -233,11 +266,42 @@ class FacePipeline:
             if self.one_euro is not None:
                 self.one_euro.reset()
         tracked = self.tracker.update(self.detector.detect(rgb8))
-        chosen = select_faces(tracked, self.opts.min_face, self.opts.only_largest, self.opts.track_ids)
-        pending = PendingFrame(index, frame, chosen=chosen, faces=tracked)
-        if chosen or (self.opts.draw and tracked):
-            pending.rgb = rgb
+        pending = PendingFrame(index, frame, rgb=rgb, faces=list(tracked))
+        for face in tracked:
+            if face.gap and not face.new_track:
+                self._fill_gap(face, index)
+            self.last_detected[face.track_id] = (pending, face)
+        if self.causal and self.opts.bridge:
+            pending.faces += self._predicted(index)
         return pending
+
+    def _fill_gap(self, face: TrackedFace, index: int) -> None:
+        """The track was missed for ``face.gap`` frames before ``index``: give each frame of the
+        gap still in the window the face interpolated between the detections on both sides."""
+        last = self.last_detected.get(face.track_id)
+        if last is None:
+            return
+        before = last[1]
+        start = index - face.gap - 1  # frame of the previous detection
+        for q in self.window:
+            if start < q.index < index and not any(f.track_id == face.track_id for f in q.faces):
+                q.faces.append(interpolate_face(before, face, (q.index - start) / (index - start)))
+
+    def _predicted(self, index: int) -> list[TrackedFace]:
+        """Causal bridging: tracks missed in this frame (within ``bridge`` frames of their last
+        detection, seen at least 3 times) continue along their last landmark motion, slowing down."""
+        out = []
+        for t in self.tracker.missing():
+            last = self.last_detected.get(t.id)
+            if last is None or t.hits < 3:
+                continue
+            face = last[1]
+            steps = index - t.last_frame
+            # a damped continuation: the last motion per frame, halving each frame
+            drift = np.zeros((5, 2)) if t.velocity is None else t.velocity * 2 * (1 - 0.5 ** steps)
+            out.append(TrackedFace(t.id, face.box + np.tile(drift.mean(0), 2), face.landmarks + drift,
+                                   face.score, bridged=True))
+        return out
 
     def _smoothed_landmarks(self, face: TrackedFace, future: list[PendingFrame]) -> np.ndarray:
         if self.one_euro is not None:
@@ -247,18 +311,19 @@ class FacePipeline:
         if face.new_track:
             self.history.pop(face.track_id, None)
         past = self.history.setdefault(face.track_id, deque(maxlen=self.lookahead))
-        ahead = [f.landmarks for p in future for f in p.faces if f.track_id == face.track_id and not f.new_track]
+        ahead = [f.landmarks for p in future[:self.lookahead] for f in p.faces
+                 if f.track_id == face.track_id and not f.new_track]
         out = centered_landmarks(list(past), face.landmarks, ahead, sigma_frames=self.lookahead / 2)
         past.append(face.landmarks)
         return out
 
     def _lookahead_candidates(self, track_id: int, future: list[PendingFrame]) -> list:
-        """The track's faces in the look-ahead frames, aligned on their raw landmarks: keyframe
-        candidates for the track's first reference (called once per track, at its start)."""
+        """The track's detected faces in the look-ahead frames, aligned on their raw landmarks:
+        keyframe candidates for the track's first reference (called once per track, at its start)."""
         out = []
         for q in future:
-            face = next((f for f in q.chosen if f.track_id == track_id), None)
-            if face is None:
+            face = next((f for f in q.faces if f.track_id == track_id), None)
+            if face is None or face.bridged:
                 continue
             if face.new_track:  # the id starts another track there
                 break
@@ -268,23 +333,30 @@ class FacePipeline:
 
     # alignment, once the look-ahead frames of this one are known
     def _align(self, p: PendingFrame, future: list[PendingFrame]) -> None:
+        p.chosen = select_faces(p.faces, self.opts.min_face, self.opts.only_largest, self.opts.track_ids)
         if not p.chosen:
             return
         landmarks = np.stack([self._smoothed_landmarks(f, future) for f in p.chosen])
         transforms = similarity_transforms(landmarks, self.size)
         crops = warp_faces(p.rgb, transforms, self.size)
-        p.jobs = [FaceJob(f, A, c, p.index) for f, A, c in zip(p.chosen, transforms, crops)]
+        in_crop = np.einsum("nij,nkj->nki", transforms[:, :, :2], landmarks) + transforms[:, None, :, 2]
+        p.jobs = [FaceJob(f, A, c, p.index, outline_mask(lm, self.size))
+                  for f, A, c, lm in zip(p.chosen, transforms, crops, in_crop)]
         if self.keyframes is not None:
             for j in p.jobs:
                 j.reference = self.keyframes.update(
-                    j.face.track_id, p.index, j.crop, j.face.landmarks, j.face.score, j.face.new_track,
-                    ahead=lambda tid=j.face.track_id: self._lookahead_candidates(tid, future))
+                    j.face.track_id, p.index, j.crop, j.face.landmarks, 0.0 if j.face.bridged else j.face.score,
+                    j.face.new_track, ahead=lambda tid=j.face.track_id: self._lookahead_candidates(tid, future))
         self.stats.frames_with_faces += 1
         self.stats.faces += len(p.chosen)
+        bridged = sum(f.bridged for f in p.chosen)
+        self.stats.faces_bridged += bridged
+        self.stats.frames_bridged += bridged > 0
         self._track_ids.update(f.track_id for f in p.chosen)
         if len(self.history) > 4 * len(self.tracker.tracks) + 16:  # forget ended tracks
             live = {t.id for t in self.tracker.tracks}
             self.history = {k: v for k, v in self.history.items() if k in live}
+            self.last_detected = {k: v for k, v in self.last_detected.items() if k in live}
 
     @torch.inference_mode()
     def _restore(self, jobs: list[FaceJob]) -> None:
@@ -311,30 +383,45 @@ class FacePipeline:
             out = r.decode(encoded, tokens, ctx)
         else:
             out = r.restore(faces, ctx)
+        out = out.float().clamp(-1, 1)  # as the official scripts clamp
+        faces = faces.float()
         if self.face_filter is not None:
             out = self.face_filter(out, ctx.track_ids, new_track, inputs=faces)
-        for job, crop in zip(jobs, tensor_to_crops(out, jobs[0].crop.dtype)):
-            job.restored = crop
+        masks = torch.from_numpy(np.stack([j.mask for j in jobs]))[:, None].to(out.device)
+        change, strength, _ = self.blend(faces, out, masks)
+        # a change under half a step of the frame's samples changes nothing: skip the paste
+        step = 0.5 / (255.0 if jobs[0].crop.dtype == np.uint8 else 65535.0)
+        change = (change * masks).permute(0, 2, 3, 1).cpu().numpy()
+        for job, c, s in zip(jobs, change, strength.tolist()):
+            job.strength = s
+            job.change = c if float(np.abs(c).max()) >= step else None
+            job.done = True
+            self.stats.strength_sum += s
+            self.stats.faces_changed += job.change is not None
 
     def _finish(self, p: PendingFrame) -> av.VideoFrame:
-        if p.rgb is None:
-            return p.frame  # no face: the decoded frame itself, bit for bit
-        rgb = p.rgb.copy()
-        rois = [roi for j in p.jobs if (roi := paste_face(rgb, j.restored, j.transform, self.mask))]
-        if self.opts.draw:
-            rois.append((0, 0, rgb.shape[1], rgb.shape[0]))
+        if self.on_faces is not None:
+            self.on_faces(p.index, p.faces, p.chosen)
+        hw = p.frame.height, p.frame.width
+        deltas = [d for j in p.jobs if j.change is not None
+                  and (d := change_to_frame(j.change, j.mask, j.transform, hw)) is not None]
+        frame = add_rgb_deltas(p.frame, deltas)  # no change: the decoded frame itself, bit for bit
+        if self.opts.draw and p.faces:
+            rgb = to_rgb(frame)
             draw_faces(rgb, p.faces)
-        return from_rgb(p.frame, rgb, rois)
+            frame = from_rgb(frame, rgb, [(0, 0, rgb.shape[1], rgb.shape[0])])
+        p.rgb = None
+        return frame
 
     def process(self, frames, on_frame: Optional[Callable[[int], None]] = None) -> Iterator[av.VideoFrame]:
-        window: deque[PendingFrame] = deque()  # detected, waiting for look-ahead
+        window = self.window
         pending: deque[PendingFrame] = deque()  # aligned, waiting for restoration
         waiting: list[FaceJob] = []
         start = time.perf_counter()
 
         def advance(flush: bool) -> Iterator[av.VideoFrame]:
             nonlocal waiting
-            while window and (flush or len(window) > self.lookahead):
+            while window and (flush or len(window) > self.window_len):
                 p = window.popleft()
                 self._align(p, list(window))
                 pending.append(p)
@@ -372,17 +459,21 @@ def draw_faces(rgb: np.ndarray, faces: list[TrackedFace]) -> None:
         cv2.rectangle(rgb, (x1, y1), (x2, y2), color, thick)
         for x, y in f.landmarks:
             cv2.circle(rgb, (int(round(x)), int(round(y))), thick + 1, (peak, peak, peak), -1)
-        cv2.putText(rgb, f"#{f.track_id} {f.score:.2f}", (x1, max(y1 - 4 * thick, 10)),
+        cv2.putText(rgb, f"#{f.track_id} " + ("bridged" if f.bridged else f"{f.score:.2f}"), (x1, max(y1 - 4 * thick, 10)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thick, color, thick, cv2.LINE_AA)
 
 
 def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetector, options: PipelineOptions,
-             model_note: str = "") -> RunStats:
-    """Whole job: open, stream every frame through, publish the output atomically."""
+             model_note: str = "", faces_log: Optional[str] = None) -> RunStats:
+    """Whole job: open, stream every frame through, publish the output (and the ``faces_log``
+    JSON lines, see faces/facelog.py) atomically."""
+    from .faces.facelog import FaceLogWriter
+
     reader = open_reader(source, options.allow_damaged)
     copy_from = source if source != STDIO and not is_url(source) else None
     writer = open_writer(target, reader.info, options.encode, copy_from=copy_from)
-    pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25))
+    log = FaceLogWriter(faces_log) if faces_log else None
+    pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25), on_faces=log)
     stop = threading.Event()
     total = reader.info.frames or None
     bar = tqdm(total=total, unit="frame", disable=options.quiet or target == STDIO and not sys.stderr.isatty(),
@@ -403,6 +494,8 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
             encoder.put(out_frame)
         encoder.close()
         writer.finish()
+        if log is not None:
+            log.finish()
         ok = True
     finally:
         stop.set()
@@ -413,5 +506,7 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
             except BaseException:
                 pass
             writer.abort()
+            if log is not None:
+                log.abort()
         reader.close()
     return pipeline.stats

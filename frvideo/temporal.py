@@ -184,6 +184,11 @@ class FaceFilter:
       input crops. It cannot tell invented texture from motion: the flow
       "explains" a new texture as movement, so prior-driven flicker survives.
 
+    Given the input crops, the filter also acts only where the restorer changed
+    the face: k is multiplied by min(1, blur(|y_t - x_t|) / restorer_change), so a
+    face the restorer left as it was (the ``none`` backend, a clean face) is left
+    exactly as it was, and the filter never adds a change of its own.
+
     The classical motion-compensated temporal denoiser, written here because it
     runs per track in aligned-crop space, which no library offers. State resets
     on a new track or a scene cut.
@@ -191,7 +196,8 @@ class FaceFilter:
 
     def __init__(self, strength: float = 0.8, threshold: float = 0.08, guide: str = "input",
                  motion_compensation: bool = True, guide_blur: float = 3.0,
-                 output_threshold: float = 0.3, output_blur: float = 1.5, max_tracks: int = 256):
+                 output_threshold: float = 0.3, output_blur: float = 1.5, max_tracks: int = 256,
+                 restorer_change: float = 2.0 / 255.0):
         if not 0.0 <= strength < 1.0:
             raise ValueError("face filter strength must be in [0, 1)")
         if threshold <= 0 or output_threshold <= 0:
@@ -201,6 +207,7 @@ class FaceFilter:
         self.strength, self.threshold, self.guide = strength, threshold, guide
         self.output_threshold, self.output_blur, self.guide_blur = output_threshold, output_blur, guide_blur
         self.motion_compensation = motion_compensation
+        self.restorer_change = restorer_change
         self.max_tracks = max_tracks
         # per track: the filtered face and the input crop of its last frame
         self.tracks: OrderedDict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = OrderedDict()
@@ -251,10 +258,12 @@ class FaceFilter:
         by_input = self.guide == "input"
         if by_input and (inputs is None or inputs.shape != faces.shape):
             raise ValueError("the input-guided face filter needs the input crops, one per face")
+        if inputs is not None and inputs.shape != faces.shape:
+            raise ValueError("the face filter needs one input crop per face")
         out = faces.clone()
         for b, tid in enumerate(track_ids):
             y = faces[b:b + 1].float()
-            x = inputs[b:b + 1].float() if by_input else None
+            x = inputs[b:b + 1].float() if inputs is not None else None
             state = None if new_track[b] else self.tracks.get(tid)
             if state is not None and state[0].shape == y.shape:
                 prev, prev_x = state
@@ -271,6 +280,9 @@ class FaceFilter:
                     if self.motion_compensation:
                         prev = self._align_previous(prev, y, prev)
                     k = torch.exp(-(self._change(y, prev, self.output_blur) / self.threshold) ** 2)
+                if x is not None:  # only where the restorer changed the face
+                    changed = self._blur((y - x).abs(), self.output_blur).mean(1, keepdim=True) * 0.5
+                    k = k * (changed / self.restorer_change).clamp(max=1.0)
                 y = y + self.strength * k * (prev - y)
             self.tracks[tid] = (y, x)
             self.tracks.move_to_end(tid)

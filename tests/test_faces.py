@@ -9,7 +9,7 @@ import numpy as np
 
 from clips import make_clip
 from frvideo.faces.align import FFHQ_TEMPLATE_512, invert_affine, similarity_transforms, template, warp_faces
-from frvideo.faces.blend import crop_mask, face_roi, paste_face
+from frvideo.faces.blend import change_to_frame, face_roi, outline_mask
 from frvideo.faces.detect import Detections
 from frvideo.faces.tracker import FaceTracker, SceneCutDetector, select_faces
 
@@ -68,22 +68,32 @@ def test_similarity_maps_landmarks_to_template():
     assert np.allclose(similarity_transforms(template(256)[None], 256)[0], [[1, 0, 0], [0, 1, 0]], atol=1e-9)
 
 
-def test_warp_then_paste_restores_face_region_only():
+def test_change_pasted_into_face_region_only():
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 255, (200, 300, 3), np.uint8)
     lm = dets((150, 100), size=80).landmarks
     A = similarity_transforms(lm, 128)
-    crop = warp_faces(frame, A, 128)[0]
-    out = frame.copy()
-    roi = paste_face(out, np.full_like(crop, 255), A[0], crop_mask(128))
-    x0, y0, x1, y1 = roi
-    assert roi == face_roi(A[0], 128, frame.shape[:2])
-    outside = np.ones(frame.shape[:2], bool)
-    outside[y0:y1, x0:x1] = False
-    assert np.array_equal(out[outside], frame[outside])  # nothing outside the ROI changes
-    assert (out[100, 150] == 255).all()  # the face centre got the restored face
-    m = crop_mask(128)
-    assert m.max() <= 1 and m[64, 64] > 0.99 and m[0, 0] < 0.01  # soft edge, no square seam
+    mask = outline_mask(lm[0] @ A[0][:, :2].T + A[0][:, 2], 128)
+    x0, y0, d = change_to_frame(np.full((128, 128, 3), 0.5, np.float32), mask, A[0], frame.shape[:2])
+    x1, y1 = x0 + d.shape[1], y0 + d.shape[0]
+    assert (x0, y0, x1, y1) == face_roi(A[0], 128, frame.shape[:2])
+    assert d[100 - y0, 150 - x0].min() > 0.49  # the face centre gets the whole change
+    # the outline mask keeps the change off the corners of the crop (hair, background) ...
+    corner = A[0][:, :2] @ np.zeros(2) + A[0][:, 2]  # where frame (0, 0) lands: far outside
+    assert mask.max() <= 1 and mask[0, 0] < 0.01 and mask[64, 64] > 0.99 and corner[0] < 0
+    # ... and is soft: no step at its edge
+    row = mask[64]
+    assert np.abs(np.diff(row)).max() < 0.15
+
+
+def test_outline_mask_follows_landmarks():
+    t = template(256)
+    m = outline_mask(t, 256)
+    shifted = outline_mask(t + [30, 0], 256)  # a head turned: the landmarks move right
+    cols = lambda a: (a > 0.5).any(0).nonzero()[0]  # noqa: E731
+    assert cols(shifted)[0] > cols(m)[0] + 15 and cols(shifted)[-1] > cols(m)[-1] + 15
+    assert m[150, 128] > 0.99  # between the eyes and mouth: inside
+    assert m[8, 128] < 0.01 and m[128, 4] < 0.01  # top of the crop (hair) and its side: outside
 
 
 def test_ctrl_c_leaves_no_output(tmp_path, home_with_detectors):

@@ -329,7 +329,8 @@ def test_cli_ldbfr_still_face_stays_still_with_locked_noise(tmp_path, capsys, mo
     n = 4
     clip = _still_clip(tmp_path / "in.mkv", n)
     _patch_detector(monkeypatch, FixedFaceDetector(range(2 * n), box=(30, 24, 98, 110)))
-    args = ["--model", "ldbfr", "--codec", "ffv1", "--temporal", "tokens", "--batch-size", "3", "--steps", "2", "-q"]
+    args = ["--model", "ldbfr", "--codec", "ffv1", "--temporal", "tokens", "--batch-size", "3", "--steps", "2", "-q",
+            "--strength", "1"]  # a sharp synthetic face: auto would leave it as it is
     assert main([str(clip), str(tmp_path / "locked.mkv"), *args]) == 0, capsys.readouterr().err
     assert main([str(clip), str(tmp_path / "fresh.mkv"), *args, "--fresh-noise"]) == 0, capsys.readouterr().err
     src, locked, fresh = _frames(clip), _frames(tmp_path / "locked.mkv"), _frames(tmp_path / "fresh.mkv")

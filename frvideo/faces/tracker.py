@@ -3,10 +3,13 @@
 A track keeps its id across short detector misses (``max_missed`` frames) and
 ends at a scene cut, so per-track state (smoothed landmarks, codebook token
 history, reference keyframe) never leaks from one shot or person to another.
+A face found again after a miss reports how many frames it was missed
+(``TrackedFace.gap``), so the pipeline can fill those frames in (bridging).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -22,6 +25,8 @@ class Track:
     score: float
     missed: int = 0
     hits: int = 1
+    last_frame: int = 0  # frame number of the last detection
+    velocity: Optional[np.ndarray] = None  # landmark motion per frame at the last detection
 
 
 @dataclass
@@ -33,6 +38,8 @@ class TrackedFace:
     landmarks: np.ndarray  # 5 x 2
     score: float
     new_track: bool = False  # first frame of this track (per-track state must reset)
+    gap: int = 0  # frames this track was missed just before this detection
+    bridged: bool = False  # not detected here: filled in between detections (or predicted)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,12 +59,18 @@ class FaceTracker:
         self.max_missed = max_missed
         self.tracks: list[Track] = []
         self.next_id = 0
+        self.frame = -1  # number of the frame of the last update
 
     def reset(self) -> None:
         """Scene cut: every track ends; ids keep counting up so they stay unique."""
         self.tracks = []
 
+    def missing(self) -> list[Track]:
+        """Tracks alive but not detected in the last update (candidates for a predicted face)."""
+        return [t for t in self.tracks if t.last_frame != self.frame]
+
     def update(self, dets: Detections) -> list[TrackedFace]:
+        self.frame += 1
         n = len(dets)
         matched_det: dict[int, Track] = {}
         if self.tracks and n:
@@ -78,15 +91,20 @@ class FaceTracker:
         for di in range(n):
             track = matched_det.get(di)
             new = track is None
+            gap = 0
             if new:
-                track = Track(self.next_id, dets.boxes[di], dets.landmarks[di], float(dets.scores[di]))
+                track = Track(self.next_id, dets.boxes[di], dets.landmarks[di], float(dets.scores[di]),
+                              last_frame=self.frame)
                 self.next_id += 1
                 self.tracks.append(track)
             else:
+                gap = self.frame - track.last_frame - 1
+                track.velocity = (dets.landmarks[di] - track.landmarks) / (gap + 1)
                 track.box, track.landmarks, track.score = dets.boxes[di], dets.landmarks[di], float(dets.scores[di])
                 track.missed = 0
                 track.hits += 1
-            out.append(TrackedFace(track.id, dets.boxes[di], dets.landmarks[di], float(dets.scores[di]), new))
+                track.last_frame = self.frame
+            out.append(TrackedFace(track.id, dets.boxes[di], dets.landmarks[di], float(dets.scores[di]), new, gap))
         updated = {f.track_id for f in out}
         for t in self.tracks:
             if t.id not in updated:
