@@ -93,15 +93,27 @@ PRESETS: dict[str, Preset] = {
     "ld-bfr-severe": Preset("ld-bfr-severe", (7.0, 9.0), (16.0, 16.0), (25.0, 50.0), (30, 40),
                             "LD-BFR Sec. 4.1, CelebA-Test severe split"),
 }
+# Milder than any paper's ranges: what a phone or webcam recording loses (frvideo's own, for
+# the mixtures below: a restorer must also help, and not harm, a lightly damaged face).
+PRESETS["light"] = Preset("light", (0.2, 3.0), (1.0, 4.0), (0.0, 8.0), (50, 95), "frvideo: milder than the papers")
 ALIASES = {"ldbfr": "ld-bfr", "ld_bfr": "ld-bfr"}
 
+# Mixtures: each draw first picks a preset by weight, then its parameters.
+MIXES: dict[str, tuple[tuple[str, float], ...]] = {
+    # lite v2 and the retrained ENTED / LD-BFR: mild to severe
+    "frvideo-mix": (("light", 0.4), ("vqfr", 0.35), ("codeformer", 0.25)),
+}
 
-def get_preset(name: Union[str, Preset]) -> Preset:
+
+def get_preset(name: Union[str, Preset]):
+    """A Preset, or for a mixture name the tuple of (Preset, weight)."""
     if isinstance(name, Preset):
         return name
     key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key in MIXES:
+        return tuple((PRESETS[p], w) for p, w in MIXES[key])
     if key not in PRESETS:
-        raise ValueError(f"unknown degradation preset {name!r} (one of {', '.join(PRESETS)})")
+        raise ValueError(f"unknown degradation preset {name!r} (one of {', '.join([*PRESETS, *MIXES])})")
     return PRESETS[key]
 
 
@@ -167,6 +179,9 @@ class Degradation:
 
     def sample(self) -> DegradationParams:
         p, u = self.preset, self.rng.uniform
+        if isinstance(p, tuple):  # a mixture: pick a preset first
+            weights = np.array([w for _, w in p], np.float64)
+            p = p[int(self.rng.choice(len(p), p=weights / weights.sum()))][0]
         return DegradationParams(sigma=float(u(*p.sigma)), scale=float(u(*p.scale)),
                                  noise=float(u(*p.noise)),
                                  jpeg=int(self.rng.integers(p.jpeg[0], p.jpeg[1] + 1)))

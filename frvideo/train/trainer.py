@@ -75,7 +75,9 @@ DEFAULTS: dict[str, Any] = {
         "synthetic": 0,  # > 0: that many random-texture faces instead of root (tests)
         "synthetic_eval": 0,
     },
-    "degradation": {"preset": "vqfr", "eval_seed": 1234},
+    # codec_prob: share of training samples that also go through a real x264 intra pass at
+    # codec_bpp bits per pixel (a range, drawn log-uniformly), after the preset's damage
+    "degradation": {"preset": "vqfr", "eval_seed": 1234, "codec_prob": 0.0, "codec_bpp": [0.3, 2.0]},
     "train": {
         "batch": 8, "steps": 1000, "lr": 2e-4, "lr_schedule": "cosine", "lr_min_ratio": 0.1,
         "warmup_steps": 0, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip": None,
@@ -318,6 +320,23 @@ class _Images:
             interp = cv2.INTER_AREA if img.shape[0] > self.size else cv2.INTER_CUBIC
             img = cv2.resize(img, (self.size, self.size), interpolation=interp)
         return np.ascontiguousarray(img)
+
+    def valid_box(self, i: int) -> Optional[tuple[int, int, int, int]]:
+        """(x0, y0, x1, y1) at ``size``: where crop i holds pixels of its source (outside it the
+        aligner filled in a mirror image), from the index's ``affine`` and ``frame_size``;
+        None when unknown (the whole crop)."""
+        if self.dataset is None:
+            return None
+        e = self.dataset.entry(i)
+        if "affine" not in e or "frame_size" not in e:
+            return None
+        A = np.asarray(e["affine"], np.float64)
+        w, h = e["frame_size"]
+        k = self.size / float(e.get("size") or self.size)
+        pts = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float64) @ A.T * k
+        x0, y0 = np.clip(np.ceil(pts.min(0)), 0, self.size).astype(int)
+        x1, y1 = np.clip(np.floor(pts.max(0)), 0, self.size).astype(int)
+        return int(x0), int(y0), int(x1), int(y1)
 
     def __getitem__(self, i: int) -> np.ndarray:
         if self.arrays is not None:
@@ -574,6 +593,33 @@ def eval_indices(n: int, count: int) -> list[int]:
     """Up to ``count`` eval images evenly spaced over ``n``."""
     k = min(int(count), n)
     return [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+
+
+def patch_origin(valid, size: int, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(y, x) of a random crop x crop patch of a size x size image, inside ``valid`` (x0, y0, x1, y1)
+    when it fits there (else centred on it): patches of real pixels, not of mirror padding."""
+    if valid is None:
+        return int(rng.integers(0, size - crop + 1)), int(rng.integers(0, size - crop + 1))
+    x0, y0, x1, y1 = valid
+
+    def axis(lo, hi):
+        if hi - lo >= crop:
+            return int(rng.integers(lo, hi - crop + 1))
+        return int(np.clip((lo + hi - crop) // 2, 0, size - crop))
+    return axis(y0, y1), axis(x0, x1)
+
+
+def degrade_sample(dcfg: dict, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One training input: the preset's (or mixture's) damage, then with ``codec_prob`` a real
+    x264 pass of the image as a one-frame video."""
+    from .degradation import Degradation, codec_degrade
+    low = Degradation(dcfg["preset"], seed=int(rng.integers(2**63))).apply(img)
+    if dcfg.get("codec_prob") and rng.random() < dcfg["codec_prob"]:
+        lo, hi = dcfg["codec_bpp"]
+        bpp = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        h, w = low.shape[:2]
+        low = codec_degrade([low], codec="libx264", bitrate=bpp * w * h * 25, seed=int(rng.integers(2**63)))[0]
+    return low
 
 
 def degrade_eval(cfg: dict, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -864,11 +910,10 @@ class Trainer:
         for i in idx:
             img = self.train_images[int(i)]
             if self.stage == "restoration":
-                deg = Degradation(self.cfg["degradation"]["preset"], seed=int(rng.integers(2**63)))
-                low = deg.apply(img)
+                low = degrade_sample(self.cfg["degradation"], img, rng)
             else:
                 low = img
-            y, x = (int(rng.integers(0, d["size"] - crop + 1)) for _ in range(2))
+            y, x = patch_origin(self.train_images.valid_box(int(i)), d["size"], crop, rng)
             h, l_ = img[y:y + crop, x:x + crop], low[y:y + crop, x:x + crop]
             if d["flip"] and rng.random() < 0.5:
                 h, l_ = h[:, ::-1], l_[:, ::-1]
