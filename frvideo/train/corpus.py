@@ -24,7 +24,8 @@ The builder
    ``val/<part>/``); a part with an ``index.jsonl`` is done, so a stopped build
    resumes where it was;
 5. merges the parts into ``train/index.jsonl`` and ``val/index.jsonl``
-   (:class:`frvideo.train.dataset.FaceCropDataset` roots) and writes
+   (:class:`frvideo.train.dataset.FaceCropDataset` roots; ``train_512/``,
+   ``train_256/``, ... hold one crop size each, pointing into ``train/``) and writes
    ``report.yaml``: per source, files taken and dropped (and why), identities,
    crops kept, crops by face size.
 
@@ -448,12 +449,22 @@ def merge(out: Path, split: str, names: set[str]) -> list[dict]:
         for e in read_index(part):
             e = dict(e, file=f"{part.name}/{e['file']}")
             entries.append(e)
-    tmp = out / split / ".index.jsonl.tmp"
+    _write_index(out / split, entries)
+    # one root per crop size as well (a 256 crop upsampled into a 512 batch is a blurry target):
+    # DIR/train_512/index.jsonl lists the 512 crops of DIR/train, by relative path
+    for size in sorted({int(e["size"]) for e in entries}):
+        _write_index(out / f"{split}_{size}", [dict(e, file=f"../{split}/{e['file']}") for e in entries
+                                               if int(e["size"]) == size])
+    return entries
+
+
+def _write_index(root: Path, entries: list[dict]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / ".index.jsonl.tmp"
     with open(tmp, "w") as f:
         for e in entries:
             f.write(json.dumps(e, separators=(",", ":")) + "\n")
-    os.replace(tmp, out / split / "index.jsonl")
-    return entries
+    os.replace(tmp, root / "index.jsonl")
 
 
 def bucket(px: float) -> str:
