@@ -161,6 +161,9 @@ def test_build_keeps_eval_out_dedups_and_splits_by_identity(tmp_path, home_with_
             assert ds[i]["image"].shape == (128, 128, 3) and e["origin"] == "someone/faces"
             assert e["source"].startswith("faces/people/") and e["face_px"] >= 32
     assert rep["totals"]["train"]["crops"] + rep["totals"]["val"]["crops"] == len(train) + len(val)
+    for split in ("train", "val"):  # folder-per-person: labelled people, one on each side
+        assert rep["totals"][split]["identities_labelled"] == 1 and rep["totals"][split]["identities_one_per_photo"] == 0
+    assert set(rep["val_identities"]) == {e["identity"] for e in val.entries}
     by_size = FaceCropDataset(out / "train_128")  # the one crop size of this build
     assert len(by_size) == len(train) and by_size[0]["image"].shape == (128, 128, 3)
     assert (out / "report.md").read_text().count("| faces |") == 1

@@ -488,12 +488,18 @@ def report(manifest: dict, cands: list[Candidate], entries: dict[str, list[dict]
             include=s["include"], tier=s["tier"], files_matched=len(mine), files_taken=len(taken),
             files_dropped=dict(why), identities_taken=len({c.identity for c in taken}),
             identities_with_crops=len({e.get("identity") for e in crops}),
+            identity_rule=(s.get("identity") or {}).get("rule", "file"),
             crops=dict(train=sum(e["source"].startswith(s["id"] + "/") for e in entries.get("train", [])),
                        val=sum(e["source"].startswith(s["id"] + "/") for e in entries.get("val", []))),
             crops_by_face_px=dict(Counter(bucket(e["face_px"]) for e in crops))))
+    # a per-file identity (rule "file") is an upper bound: one photo = at most one person
+    per_file = {s["id"] for s in manifest["sources"] if (s.get("identity") or {}).get("rule", "file") == "file"}
     totals = {}
     for split, es in entries.items():
-        totals[split] = dict(crops=len(es), identities=len({e.get("identity") for e in es}),
+        ids = {e.get("identity") for e in es}
+        unlabelled = {e.get("identity") for e in es if e["source"].split("/", 1)[0] in per_file}
+        totals[split] = dict(crops=len(es), identities=len(ids), identities_labelled=len(ids - unlabelled),
+                             identities_one_per_photo=len(unlabelled),
                              crops_by_face_px=dict(Counter(bucket(e["face_px"]) for e in es)),
                              crops_by_size=dict(Counter(int(e["size"]) for e in es)))
     val_ids = sorted({e.get("identity") for e in entries.get("val", [])})
