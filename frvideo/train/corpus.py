@@ -392,10 +392,12 @@ def plan_parts(manifest: dict, cands: list[Candidate], part_size: int) -> list[d
     parts = []
     for split in ("train", "val"):
         for sid in sources:
-            group = [c for c in cands if not c.dropped and c.source == sid and c.split == split]
-            for k in range(0, len(group), part_size):
-                parts.append(dict(split=split, name=f"{sid}-{k // part_size:03d}", source=sid,
-                                  tier=sources[sid]["tier"], files=group[k:k + part_size]))
+            # videos apart from stills: a slow clip part is not rebuilt when a photo is added or removed
+            for kind, tag in (("image", ""), ("video", "video-")):
+                group = [c for c in cands if not c.dropped and c.source == sid and c.split == split and c.kind == kind]
+                for k in range(0, len(group), part_size):
+                    parts.append(dict(split=split, name=f"{sid}-{tag}{k // part_size:03d}", source=sid,
+                                      tier=sources[sid]["tier"], files=group[k:k + part_size]))
     return parts
 
 
