@@ -159,7 +159,7 @@ def test_build_keeps_eval_out_dedups_and_splits_by_identity(tmp_path, home_with_
         for i in range(len(ds)):
             e = ds.entry(i)
             assert ds[i]["image"].shape == (128, 128, 3) and e["origin"] == "someone/faces"
-            assert e["source"].startswith("faces/people/") and e["face_px"] >= 32
+            assert e["source"].startswith("faces/people/") and e["face_px"] >= 32 and 0 <= e["pad_fraction"] <= 1
     assert rep["totals"]["train"]["crops"] + rep["totals"]["val"]["crops"] == len(train) + len(val)
     for split in ("train", "val"):  # folder-per-person: labelled people, one on each side
         assert rep["totals"][split]["identities_labelled"] == 1 and rep["totals"][split]["identities_one_per_photo"] == 0

@@ -308,3 +308,26 @@ def test_source_list_identity_labels_and_main_face(tmp_path, capsys):
     assert "unique" in one_line_error(["--source-list", str(bad), "--out", str(tmp_path / "x")], capsys, EXIT_INPUT)
     with pytest.raises(FrvideoError):
         FaceCropDataset(out).split(0.5, 0, by="colour")
+
+
+def test_pad_fraction_measured_and_max_pad_filter(tmp_path):
+    """A face at the picture's corner yields a crop partly outside the frame (mirror-filled): measured in the
+    index as pad_fraction, and --max-pad rejects it; a face in the middle has none."""
+    from frvideo.train.dataset import pad_fraction
+    assert pad_fraction([[1, 0, 0], [0, 1, 0]], 100, (100, 100)) == 0.0  # the crop is the frame
+    assert abs(pad_fraction([[1, 0, -50], [0, 1, 0]], 100, (100, 100)) - 0.5) < 0.02  # half of it beyond the edge
+    img = np.random.default_rng(9).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    write_png(tmp_path / "in" / "corner.png", img)
+    write_png(tmp_path / "in2" / "middle.png", img)
+    opts = BuildOptions(size=64, min_face=0, min_sharpness=0, quiet=True)
+    corner = build_dataset([str(tmp_path / "in")], tmp_path / "a", FixedFaceDetector([0], box=(0, 0, 100, 100)), opts)
+    middle = build_dataset([str(tmp_path / "in2")], tmp_path / "b", FixedFaceDetector([0], box=(110, 110, 190, 190)),
+                           opts)
+    assert corner.kept == middle.kept == 1
+    pad_corner = read_index(tmp_path / "a")[0]["pad_fraction"]
+    assert pad_corner > 0.2 and read_index(tmp_path / "b")[0]["pad_fraction"] == 0.0
+    opts.max_pad = pad_corner / 2
+    stats = build_dataset([str(tmp_path / "in")], tmp_path / "c", FixedFaceDetector([0], box=(0, 0, 100, 100)), opts)
+    assert stats.kept == 0 and stats.padded == 1 and "1 over the padding maximum" in stats.summary(tmp_path / "c")
+    assert build_dataset([str(tmp_path / "in2")], tmp_path / "d", FixedFaceDetector([0], box=(110, 110, 190, 190)),
+                         opts).kept == 1

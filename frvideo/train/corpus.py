@@ -56,7 +56,7 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError, InputError, UsageError
-from .dataset import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_index
+from .dataset import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, pad_fraction, read_index
 
 __all__ = ["dhash", "hamming", "identity_of", "split_identities", "near_duplicates", "FACE_BUCKETS", "main"]
 
@@ -450,6 +450,9 @@ def merge(out: Path, split: str, names: set[str]) -> list[dict]:
             continue
         for e in read_index(part):
             e = dict(e, file=f"{part.name}/{e['file']}")
+            if "pad_fraction" not in e:  # parts built before the index had it: the same measure, from the affine
+                e["pad_fraction"] = 0.0 if e.get("kind") == "aligned" else \
+                    round(pad_fraction(e["affine"], int(e["size"]), e["frame_size"]), 3)
             entries.append(e)
     _write_index(out / split, entries)
     # one root per crop size as well (a 256 crop upsampled into a 512 batch is a blurry target):
@@ -493,7 +496,9 @@ def report(manifest: dict, cands: list[Candidate], entries: dict[str, list[dict]
             identity_rule=(s.get("identity") or {}).get("rule", "file"),
             crops=dict(train=sum(e["source"].startswith(s["id"] + "/") for e in entries.get("train", [])),
                        val=sum(e["source"].startswith(s["id"] + "/") for e in entries.get("val", []))),
-            crops_by_face_px=dict(Counter(bucket(e["face_px"]) for e in crops))))
+            crops_by_face_px=dict(Counter(bucket(e["face_px"]) for e in crops)),
+            pad_fraction_median=round(float(np.median([e["pad_fraction"] for e in crops])), 3) if crops else None,
+            crops_pad_over_quarter=sum(e["pad_fraction"] > 0.25 for e in crops)))
     # a per-file identity (rule "file") is an upper bound: one photo = at most one person
     per_file = {s["id"] for s in manifest["sources"] if (s.get("identity") or {}).get("rule", "file") == "file"}
     totals = {}
@@ -503,7 +508,8 @@ def report(manifest: dict, cands: list[Candidate], entries: dict[str, list[dict]
         totals[split] = dict(crops=len(es), identities=len(ids), identities_labelled=len(ids - unlabelled),
                              identities_one_per_photo=len(unlabelled),
                              crops_by_face_px=dict(Counter(bucket(e["face_px"]) for e in es)),
-                             crops_by_size=dict(Counter(int(e["size"]) for e in es)))
+                             crops_by_size=dict(Counter(int(e["size"]) for e in es)),
+                             crops_pad_over_quarter=sum(e["pad_fraction"] > 0.25 for e in es))
     val_ids = sorted({e.get("identity") for e in entries.get("val", [])})
     train_ids = {e.get("identity") for e in entries.get("train", [])}
     assert not (train_ids & set(val_ids)), "an identity on both sides of the split"
@@ -512,13 +518,14 @@ def report(manifest: dict, cands: list[Candidate], entries: dict[str, list[dict]
 
 def markdown_table(rep: dict) -> str:
     lines = ["| source | repo @ commit | licence | files taken / matched | identities (with crops) | "
-             "crops train / val | crops by face px |", "|---|---|---|---|---|---|---|"]
+             "crops train / val | crops by face px | median pad |", "|---|---|---|---|---|---|---|---|"]
     for r in rep["sources"]:
         commit = (r["commit"] or "")[:10]
         px = ", ".join(f"{k}: {v}" for k, v in sorted(r["crops_by_face_px"].items()))
         lines.append(f"| {r['id']} | {r['repo']} {('@ ' + commit) if commit else ''} | {r['licence']} | "
                      f"{r['files_taken']} / {r['files_matched']} | {r['identities_taken']} "
-                     f"({r['identities_with_crops']}) | {r['crops']['train']} / {r['crops']['val']} | {px} |")
+                     f"({r['identities_with_crops']}) | {r['crops']['train']} / {r['crops']['val']} | {px} | "
+                     f"{'' if r['pad_fraction_median'] is None else r['pad_fraction_median']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -563,6 +570,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_part(part, manifest, args.out, args.detector)
         entries = {split: merge(args.out, split, {p["name"] for p in parts if p["split"] == split})
                    for split in ("train", "val")}
+        planned = {(p["split"], p["name"]) for p in parts}
+        stale = sorted(f"{d.parent.name}/{d.name}" for split in ("train", "val") if (args.out / split).is_dir()
+                       for d in (args.out / split).iterdir() if d.is_dir() and (split, d.name) not in planned)
+        if stale:  # left in place (a manifest edit may bring them back), but not in any index
+            print(f"frvideo corpus: parts no longer in the plan, not merged: {' '.join(stale)}")
         rep = report(manifest, cands, entries)
         rep["seconds"] = round(time.time() - t0)
         (args.out / "report.yaml").write_text(yaml.safe_dump(rep, sort_keys=False, allow_unicode=True))
