@@ -250,3 +250,84 @@ def test_real_clip_and_aligned_faces(tmp_path, capsys, home_with_detectors):
     # the default sharpness minimum rejects most of these low-quality inputs (the minimum is calibrated at 512)
     stats = build_dataset([str(faces)], tmp_path / "sharp", None, BuildOptions(size=512, quiet=True))
     assert stats.aligned == 20 and stats.blurry >= 15
+
+
+def test_source_list_identity_labels_and_main_face(tmp_path, capsys):
+    """A --source-list carries identity/origin/label into the index; --main-face-only keeps the largest face."""
+    rng = np.random.default_rng(5)
+    for name in ("p/alice_1.png", "p/alice_2.png", "q/bob_1.png"):
+        write_png(tmp_path / "in" / name, rng.integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    lines = [dict(path="in/p/alice_1.png", identity="lfw:Alice", origin="someone/repo", label="lfw/alice_1.png"),
+             dict(path=str(tmp_path / "in" / "p" / "alice_2.png"), identity="lfw:Alice"),
+             dict(path="in/q/bob_1.png", identity="lfw:Bob")]
+    lst = tmp_path / "sources.jsonl"
+    lst.write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+    class SmallAndLarge(FixedFaceDetector):
+        def detect(self, image_rgb):
+            d = super().detect(image_rgb)  # 120 px face, then a 40 px one
+            small = np.array([[150, 150, 190, 190]], np.float32)
+            lm = d.landmarks * (40 / 120) + np.array([150 - 10 * 40 / 120, 150 - 10 * 40 / 120], np.float32)
+            return Detections(np.concatenate([d.boxes, small]), np.concatenate([d.landmarks, lm]),
+                              np.concatenate([d.scores, d.scores]))
+
+    opts = BuildOptions(size=32, min_face=0, min_sharpness=0, quiet=True)
+    out = tmp_path / "all"
+    build_dataset([], out, SmallAndLarge(range(3), box=(10, 10, 130, 130)), opts, source_list=lst)
+    index = read_index(out)
+    assert len(index) == 6  # both faces of each image
+    out = tmp_path / "main"
+    opts.main_face_only = True
+    build_dataset([], out, SmallAndLarge(range(3), box=(10, 10, 130, 130)), opts, source_list=lst)
+    index = read_index(out)
+    assert len(index) == 3 and all(e["face_px"] == 120.0 for e in index)
+    by_source = {e["source"]: e for e in index}
+    assert by_source["lfw/alice_1.png"]["identity"] == "lfw:Alice"
+    assert by_source["lfw/alice_1.png"]["origin"] == "someone/repo"
+    assert by_source["p/alice_2.png"]["identity"] == "lfw:Alice" and "origin" not in by_source["p/alice_2.png"]
+    assert by_source["q/bob_1.png"]["identity"] == "lfw:Bob"
+
+    # split by identity: both of Alice's crops on one side, whatever the seed
+    ds = FaceCropDataset(out)
+    for seed in range(6):
+        train, ev = ds.split(0.5, seed, by="identity")
+        sides = {e["identity"]: ("t" if e in train.entries else "e") for e in ds.entries}
+        assert {("t" if e in train.entries else "e") for e in ds.entries if e["identity"] == "lfw:Alice"} \
+            == {sides["lfw:Alice"]}
+        assert len(train) + len(ev) == 3 and len(train) and len(ev)
+
+    # bad lists: one line, right exit code
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "in/p/nope.png"}\n')
+    assert "not found" in one_line_error(["--source-list", str(bad), "--out", str(tmp_path / "x")], capsys,
+                                         EXIT_INPUT)
+    bad.write_text('{"identity": "x"}\n')
+    assert '"path"' in one_line_error(["--source-list", str(bad), "--out", str(tmp_path / "x")], capsys, EXIT_INPUT)
+    bad.write_text(json.dumps(dict(path="in/p/alice_1.png", label="same")) + "\n"
+                   + json.dumps(dict(path="in/q/bob_1.png", label="same")) + "\n")
+    assert "unique" in one_line_error(["--source-list", str(bad), "--out", str(tmp_path / "x")], capsys, EXIT_INPUT)
+    with pytest.raises(FrvideoError):
+        FaceCropDataset(out).split(0.5, 0, by="colour")
+
+
+def test_pad_fraction_measured_and_max_pad_filter(tmp_path):
+    """A face at the picture's corner yields a crop partly outside the frame (mirror-filled): measured in the
+    index as pad_fraction, and --max-pad rejects it; a face in the middle has none."""
+    from frvideo.train.dataset import pad_fraction
+    assert pad_fraction([[1, 0, 0], [0, 1, 0]], 100, (100, 100)) == 0.0  # the crop is the frame
+    assert abs(pad_fraction([[1, 0, -50], [0, 1, 0]], 100, (100, 100)) - 0.5) < 0.02  # half of it beyond the edge
+    img = np.random.default_rng(9).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    write_png(tmp_path / "in" / "corner.png", img)
+    write_png(tmp_path / "in2" / "middle.png", img)
+    opts = BuildOptions(size=64, min_face=0, min_sharpness=0, quiet=True)
+    corner = build_dataset([str(tmp_path / "in")], tmp_path / "a", FixedFaceDetector([0], box=(0, 0, 100, 100)), opts)
+    middle = build_dataset([str(tmp_path / "in2")], tmp_path / "b", FixedFaceDetector([0], box=(110, 110, 190, 190)),
+                           opts)
+    assert corner.kept == middle.kept == 1
+    pad_corner = read_index(tmp_path / "a")[0]["pad_fraction"]
+    assert pad_corner > 0.2 and read_index(tmp_path / "b")[0]["pad_fraction"] == 0.0
+    opts.max_pad = pad_corner / 2
+    stats = build_dataset([str(tmp_path / "in")], tmp_path / "c", FixedFaceDetector([0], box=(0, 0, 100, 100)), opts)
+    assert stats.kept == 0 and stats.padded == 1 and "1 over the padding maximum" in stats.summary(tmp_path / "c")
+    assert build_dataset([str(tmp_path / "in2")], tmp_path / "d", FixedFaceDetector([0], box=(110, 110, 190, 190)),
+                         opts).kept == 1

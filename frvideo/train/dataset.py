@@ -17,6 +17,20 @@ the kind is decided by the file extension, hidden files are skipped).
   named ``cropped_faces`` or ``gray_faces``, or all images with ``--aligned``,
   are already-aligned square crops: they are only resized.
 
+Source lists (``--source-list FILE``, with or instead of SRC): a JSON-lines
+file, one object per input: ``path`` (absolute, or relative to the list's
+folder), optional ``identity`` (the person: copied into every crop's index
+entry, so that splits can keep a person on one side) and ``origin`` (where the
+file came from, e.g. ``owner/repo``), optional ``label`` (the index's
+``source`` for it instead of the relative path; unique), optional ``kind``
+``aligned``. A list is
+how a corpus of many repositories is built with one labelled index
+(``frvideo.train.corpus`` writes them).
+
+With ``--main-face-only`` only the largest face of each image is kept: in an
+identity-labelled photo (LFW and the like) that is the labelled person, and
+the others would carry a wrong identity. Videos are tracked as usual.
+
 Filters (videos and images alike; the reasons are counted in the summary):
 
 * ``--min-face PX`` (default 96): the shorter side of the detector box. A
@@ -45,7 +59,11 @@ aligned), ``frame`` (decoded frame index in the source, 0 for images),
 each face of an image is its own track), ``box`` (x1 y1 x2 y2 in the upright
 frame), ``landmarks`` (5 x 2, the ones the crop was aligned with),
 ``affine`` (2 x 3, frame -> crop), ``frame_size`` (W, H), ``score``,
-``sharpness``, ``size``. The PNGs are written as the run goes; the index is
+``sharpness``, ``size``, ``face_px`` (shorter side of the detector box, or of
+the image for aligned crops: how much real detail the crop has),
+``pad_fraction`` (share of the crop outside the source frame, filled by
+reflection; ``--max-pad F`` rejects crops above F), and, from a
+source list, ``identity`` and ``origin``. The PNGs are written as the run goes; the index is
 written once at the end (temp file + rename), so a directory without
 ``index.jsonl`` is an unfinished build; a failed or interrupted run removes
 its shard folders.
@@ -59,7 +77,7 @@ import random
 import shutil
 import sys
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -70,7 +88,7 @@ import numpy as np
 from ..argtypes import number
 from ..errors import InputError, OutputError, UsageError
 
-__all__ = ["dataset_main", "build_dataset", "BuildOptions", "FaceCropDataset", "sharpness",
+__all__ = ["dataset_main", "build_dataset", "BuildOptions", "FaceCropDataset", "sharpness", "pad_fraction",
            "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS", "ALIGNED_FOLDERS"]
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".nut", ".ts", ".mts", ".m2ts", ".y4m",
@@ -94,6 +112,19 @@ def sharpness(crop_rgb: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
+def pad_fraction(affine, size: int, frame_size) -> float:
+    """Share of an aligned crop that lies outside its source frame (filled by reflection when
+    warping): 0 for a face well inside the picture, ~0.6 for a tight 200 px face chip. Measured on a
+    32 x 32 grid of crop pixels mapped back into the frame."""
+    A = np.vstack([np.asarray(affine, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
+    g = (np.arange(32) + 0.5) / 32 * size
+    xs, ys = np.meshgrid(g, g)
+    p = np.linalg.inv(A) @ np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    w, h = frame_size
+    inside = (p[0] >= 0) & (p[0] < w) & (p[1] >= 0) & (p[1] < h)
+    return float(1.0 - inside.mean())
+
+
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (h, w) == (size, size):
@@ -111,6 +142,11 @@ def read_image_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _labels(source) -> dict:
+    """The identity/origin index keys of a source, where its source list gave them."""
+    return {k: v for k, v in (("identity", source.identity), ("origin", source.origin)) if v is not None}
+
+
 def _round(a, nd: int = 2) -> list:
     return np.round(np.asarray(a, np.float64), nd).tolist()
 
@@ -123,6 +159,8 @@ class Source:
     path: Path
     kind: str  # "video" | "image" | "aligned"
     label: str = ""
+    identity: Optional[str] = None
+    origin: Optional[str] = None
 
 
 def _kind_of(path: Path, aligned: bool) -> Optional[str]:
@@ -134,13 +172,52 @@ def _kind_of(path: Path, aligned: bool) -> Optional[str]:
     return None
 
 
-def collect_sources(srcs: Sequence[str], aligned: bool = False) -> list[Source]:
+def read_source_list(path: str | Path) -> list[Source]:
+    """The inputs named by a ``--source-list`` file (see the module doc)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"source list not found: {path}")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path}:{n} is not valid JSON") from None
+            if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+                raise InputError(f"{path}:{n} has no \"path\"")
+            file = Path(e["path"])
+            file = file if file.is_absolute() else path.parent / file
+            kind = "aligned" if e.get("kind") == "aligned" else _kind_of(file, False)
+            if kind is None:
+                raise InputError(f"{path}:{n}: {file} is neither a video nor an image (by its extension)")
+            if not file.is_file():
+                raise InputError(f"{path}:{n}: input not found: {file}")
+            ident, origin = e.get("identity"), e.get("origin")
+            out.append(Source(file.resolve(), kind, label=str(e.get("label") or ""),
+                              identity=None if ident is None else str(ident),
+                              origin=None if origin is None else str(origin)))
+    if not out:
+        raise InputError(f"source list {path} names no inputs")
+    return out
+
+
+def collect_sources(srcs: Sequence[str], aligned: bool = False, source_list: Optional[str | Path] = None
+                    ) -> list[Source]:
     """Files to read, in a stable order, each with a unique label (its path
     relative to the common folder of all inputs)."""
-    if not srcs:
+    if not srcs and source_list is None:
         raise UsageError("no SRC given (video files, image files or folders of them)")
     found: list[Source] = []
     seen: set[Path] = set()
+    if source_list is not None:
+        for s in read_source_list(source_list):
+            if s.path not in seen:
+                seen.add(s.path)
+                found.append(s)
     for src in srcs:
         path = Path(src)
         if not path.exists():
@@ -167,7 +244,11 @@ def collect_sources(srcs: Sequence[str], aligned: bool = False) -> list[Source]:
                 found.append(Source(r, k))
     root = Path(os.path.commonpath([s.path.parent for s in found]))
     for s in found:
-        s.label = s.path.relative_to(root).as_posix()
+        s.label = s.label or s.path.relative_to(root).as_posix()
+    labels = Counter(s.label for s in found)
+    twice = [label for label, n in labels.items() if n > 1]
+    if twice:
+        raise InputError(f"source label {twice[0]!r} is given to more than one input (labels must be unique)")
     return found
 
 
@@ -207,10 +288,12 @@ class BuildOptions:
     every: int = 2
     min_face: float = DEFAULT_MIN_FACE
     min_sharpness: float = DEFAULT_MIN_SHARPNESS
+    max_pad: float = 1.0
     shard_size: int = 256
     aligned: bool = False
     lookahead: int = 0
     ignore_damage: bool = False
+    main_face_only: bool = False
     quiet: bool = False
 
 
@@ -226,17 +309,19 @@ class BuildStats:
     kept: int = 0
     small: int = 0
     blurry: int = 0
+    padded: int = 0
     no_face_images: int = 0
     tracks: set = field(default_factory=set)
     seconds: float = 0.0
 
     def summary(self, out: Path) -> str:
-        rejected = self.small + self.blurry
+        rejected = self.small + self.blurry + self.padded
         return (f"frvideo dataset: {self.videos} videos, {self.images} images, {self.aligned} aligned crops; "
                 f"{self.frames_decoded} frames decoded, {self.frames_sampled} sampled "
                 f"({self.frames_with_faces} with faces); {self.faces} faces: {self.kept} kept in "
                 f"{len(self.tracks)} tracks, {rejected} rejected ({self.small} smaller than the minimum face, "
-                f"{self.blurry} below the sharpness minimum); {self.no_face_images} images without a face; "
+                f"{self.blurry} below the sharpness minimum, {self.padded} over the padding maximum); "
+                f"{self.no_face_images} images without a face; "
                 f"{self.seconds:.1f} s -> {out}")
 
 
@@ -252,6 +337,10 @@ class _Builder:
         if check_size and min(box[2] - box[0], box[3] - box[1]) < self.opts.min_face:
             self.stats.small += 1
             return
+        pad = pad_fraction(entry["affine"], self.opts.size, entry["frame_size"]) if entry["kind"] != "aligned" else 0.0
+        if pad > self.opts.max_pad:
+            self.stats.padded += 1
+            return
         sharp = sharpness(crop)
         if sharp < self.opts.min_sharpness:
             self.stats.blurry += 1
@@ -259,6 +348,8 @@ class _Builder:
         entry["file"] = self.writer.write(crop)
         entry["sharpness"] = round(sharp, 2)
         entry["size"] = self.opts.size
+        entry["face_px"] = round(float(min(box[2] - box[0], box[3] - box[1])), 1)
+        entry["pad_fraction"] = round(pad, 3)
         self.entries.append(dict(sorted(entry.items())))
         self.stats.kept += 1
         self.stats.tracks.add(entry["track"])
@@ -275,7 +366,7 @@ class _Builder:
         for (tid, box, score), lm, A, crop in zip(faces, landmarks, transforms, crops):
             entry = dict(source=source.label, kind=source.kind, frame=frame, track=f"{source.label}:{tid}",
                          box=_round(box), landmarks=_round(lm), affine=_round(A, 5), frame_size=[w, h],
-                         score=round(float(score), 4), **extra)
+                         score=round(float(score), 4), **extra, **_labels(source))
             self._keep(crop, box, entry)
 
     def image(self, source: Source) -> None:
@@ -289,7 +380,7 @@ class _Builder:
             A = np.array([[self.opts.size / w, 0, 0], [0, self.opts.size / h, 0]])
             entry = dict(source=source.label, kind="aligned", frame=0, track=f"{source.label}:0",
                          box=[0.0, 0.0, float(w), float(h)], landmarks=_round(lm), affine=_round(A, 5),
-                         frame_size=[w, h], score=1.0)
+                         frame_size=[w, h], score=1.0, **_labels(source))
             self._keep(crop, entry["box"], entry, check_size=False)
             return
         self.stats.images += 1
@@ -297,8 +388,12 @@ class _Builder:
         if len(dets) == 0:
             self.stats.no_face_images += 1
             return
-        faces = [(i, dets.boxes[i], dets.scores[i]) for i in range(len(dets))]
-        self._faces(source, rgb, 0, faces, list(dets.landmarks), {})
+        keep = range(len(dets))
+        if self.opts.main_face_only:
+            areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
+            keep = [int(np.argmax(areas))]
+        faces = [(i, dets.boxes[i], dets.scores[i]) for i in keep]
+        self._faces(source, rgb, 0, faces, [dets.landmarks[i] for i in keep], {})
 
     def video(self, source: Source) -> None:
         from ..faces.tracker import FaceTracker, SceneCutDetector
@@ -386,10 +481,11 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def build_dataset(srcs: Sequence[str], out: str | Path, detector, opts: BuildOptions,
-                  overwrite: bool = False) -> BuildStats:
-    """Build ``out`` from ``srcs`` with a loaded detector (None is fine when all inputs are aligned)."""
+                  overwrite: bool = False, source_list: Optional[str | Path] = None) -> BuildStats:
+    """Build ``out`` from ``srcs`` (and/or a source list) with a loaded detector (None is fine when all
+    inputs are aligned)."""
     start = time.perf_counter()
-    sources = collect_sources(srcs, opts.aligned)
+    sources = collect_sources(srcs, opts.aligned, source_list)
     if detector is None and any(s.kind != "aligned" for s in sources):
         raise UsageError("a face detector is needed for videos and uncropped images")
     out = Path(out)
@@ -431,7 +527,11 @@ def dataset_main(argv: list[str]) -> int:
     p = _Parser(prog="frvideo dataset",
                 description="Build a folder of aligned face crops (PNG shards + index.jsonl) from videos, images "
                             "and folders of them, for training and evaluation.")
-    p.add_argument("src", nargs="+", metavar="SRC", help="video or image files, or folders of them (recursive)")
+    p.add_argument("src", nargs="*", metavar="SRC", help="video or image files, or folders of them (recursive)")
+    p.add_argument("--source-list", metavar="FILE",
+                   help="JSON-lines file of inputs: path, optional identity, origin, kind (see the module doc)")
+    p.add_argument("--main-face-only", action="store_true",
+                   help="keep only the largest face of each image (identity-labelled photos)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--size", type=_positive, default=512, help="crop size in pixels (default 512)")
     p.add_argument("--every", type=_positive, default=2, help="keep every N-th video frame (default 2)")
@@ -440,6 +540,9 @@ def dataset_main(argv: list[str]) -> int:
     p.add_argument("--min-sharpness", type=_non_negative, default=DEFAULT_MIN_SHARPNESS, metavar="V",
                    help=f"smallest Laplacian variance of the face region of the crop (default "
                         f"{DEFAULT_MIN_SHARPNESS:g}, calibrated at --size 512; 0: keep all)")
+    p.add_argument("--max-pad", type=_non_negative, default=1.0, metavar="F",
+                   help="largest share of a crop outside the source frame (mirror-filled) to keep "
+                        "(default 1: keep all; 0.25 keeps crops whose border is mostly real picture)")
     p.add_argument("--lookahead", type=int, default=0, metavar="K",
                    help="smooth landmarks per track over K kept frames each side before aligning (default 0)")
     p.add_argument("--aligned", action="store_true",
@@ -457,14 +560,15 @@ def dataset_main(argv: list[str]) -> int:
     if args.lookahead < 0:
         raise UsageError("--lookahead must be >= 0")
     opts = BuildOptions(size=args.size, every=args.every, min_face=args.min_face, min_sharpness=args.min_sharpness,
+                        max_pad=args.max_pad,
                         shard_size=args.shard_size, aligned=args.aligned, lookahead=args.lookahead,
-                        ignore_damage=args.ignore_damage, quiet=args.quiet)
-    sources = collect_sources(args.src, args.aligned)  # bad SRC fails before the detector loads
+                        ignore_damage=args.ignore_damage, main_face_only=args.main_face_only, quiet=args.quiet)
+    sources = collect_sources(args.src, args.aligned, args.source_list)  # bad SRC fails before the detector loads
     detector = None
     if any(s.kind != "aligned" for s in sources):
         from ..faces.detect import load_detector
         detector = load_detector(args.detector, args.detector_weights, args.device, args.detect_size)
-    stats = build_dataset(args.src, args.out, detector, opts, overwrite=args.overwrite)
+    stats = build_dataset(args.src, args.out, detector, opts, overwrite=args.overwrite, source_list=args.source_list)
     print(stats.summary(Path(args.out)))
     return 0
 
@@ -537,17 +641,24 @@ class FaceCropDataset(_TorchDataset):
             out[self.entries[i]["track"]].append(i)
         return dict(out)
 
-    def sources(self) -> dict[str, list[int]]:
+    def sources(self, by: str = "source") -> dict[str, list[int]]:
+        """``by`` value -> indices. ``by="identity"`` groups by the person where the index names one
+        (built from a source list), else by source."""
+        if by not in ("source", "identity"):
+            raise UsageError(f"cannot group crops by {by!r} (source or identity)")
         out: dict[str, list[int]] = defaultdict(list)
         for i, e in enumerate(self.entries):
-            out[e["source"]].append(i)
+            key = e.get("identity") if by == "identity" else None
+            out[f"identity:{key}" if key is not None else e["source"]].append(i)
         return dict(out)
 
     def subset(self, indices: Iterable[int]) -> "FaceCropDataset":
         return FaceCropDataset(self.root, self.size, [self.entries[i] for i in indices])
 
-    def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple["FaceCropDataset", "FaceCropDataset"]:
-        """(train, eval) by source: every crop of a clip or image lands on the same side.
+    def split(self, eval_fraction: float = 0.1, seed: int = 0, by: str = "source"
+              ) -> tuple["FaceCropDataset", "FaceCropDataset"]:
+        """(train, eval) by source: every crop of a clip or image lands on the same side
+        (``by="identity"``: every crop of a person, see :meth:`sources`).
 
         Sources are shuffled with ``seed``; each in turn goes to eval when that
         brings eval's share of the crops closer to ``eval_fraction`` (a clip of
@@ -557,7 +668,7 @@ class FaceCropDataset(_TorchDataset):
         """
         if not 0.0 <= eval_fraction <= 1.0:
             raise UsageError(f"eval fraction {eval_fraction} is not in [0, 1]")
-        by_source = self.sources()
+        by_source = self.sources(by)
         names = sorted(by_source)
         random.Random(seed).shuffle(names)
         if eval_fraction == 0.0:
@@ -574,7 +685,7 @@ class FaceCropDataset(_TorchDataset):
                     count += n
             if not eval_names and len(names) > 1:
                 eval_names = [min(names, key=lambda name: abs(len(by_source[name]) - target))]
-        chosen = set(eval_names)
-        train = [i for i, e in enumerate(self.entries) if e["source"] not in chosen]
-        ev = [i for i, e in enumerate(self.entries) if e["source"] in chosen]
+        ev = sorted(i for name in eval_names for i in by_source[name])
+        chosen = set(ev)
+        train = [i for i in range(len(self.entries)) if i not in chosen]
         return self.subset(train), self.subset(ev)
