@@ -251,3 +251,80 @@ class UnshuffleEncoder(nn.Module):
             if i < len(self.downs):
                 h = self.downs[i](h)
         return self.conv_out(swish(self.norm_out(h))), feats
+
+
+class LightCFT(nn.Module):
+    """CFT block (CodeFormer's ``Fuse_sft_block``, lightened for lite and LD-BFR: one 3x3 conv for the
+    condition and one for scale and shift together): a spatial feature transform
+    of decoder features conditioned on the encoder feature, scaled by ``w``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cond = nn.Conv2d(2 * channels, channels, 3, padding=1)
+        self.scale_shift = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        # start as the identity (w has no effect until trained)
+        nn.init.zeros_(self.scale_shift.weight)
+        nn.init.zeros_(self.scale_shift.bias)
+
+    def forward(self, enc_feat: torch.Tensor, dec_feat: torch.Tensor, w) -> torch.Tensor:
+        cond = F.leaky_relu(self.cond(torch.cat([enc_feat, dec_feat], dim=1)), 0.2)
+        scale, shift = self.scale_shift(cond).chunk(2, dim=1)
+        return dec_feat + w * (dec_feat * scale + shift)
+
+
+class UnshuffleDecoder(nn.Module):
+    """Latent -> image, mirror of :class:`UnshuffleEncoder`. ``level_channels`` (coarsest
+    first) are the channels where the CFT blocks act (after each level's blocks)."""
+
+    def __init__(self, nf: int, ch_mult: Sequence[int], res_blocks: int, emb_dim: int, shuffle: int = 2):
+        super().__init__()
+        self.shuffle = shuffle
+        ch = nf * ch_mult[-1]
+        self.conv_in = nn.Conv2d(emb_dim, ch, 3, padding=1)
+        self.mid = ResBlock(ch)
+        self.levels = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        self.level_channels = []
+        for i in reversed(range(len(ch_mult))):
+            blocks = []
+            for _ in range(res_blocks):
+                blocks.append(ResBlock(ch, nf * ch_mult[i]))
+                ch = nf * ch_mult[i]
+            self.levels.append(nn.Sequential(*blocks))
+            self.level_channels.append(ch)
+            if i != 0:
+                self.ups.append(Upsample(ch))
+        self.norm_out = Normalize(ch)
+        self.conv_out = nn.Conv2d(ch, 3 * shuffle * shuffle, 3, padding=1)  # then pixel-shuffle
+        # fidelity gate: per-pixel weight of the input image in the output (zero at init)
+        self.gate = nn.Conv2d(ch, 3 * shuffle * shuffle, 3, padding=1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, z: torch.Tensor, fuse=None, image: torch.Tensor | None = None, w=0.0) -> torch.Tensor:
+        """``fuse(level_index, h) -> h`` is called after each level (coarsest = 0). With
+        ``image`` (the input) and ``w`` != 0 the output moves toward the input by
+        ``w * gate``: ``out + w * g * (image - out)``, g predicted per pixel."""
+        h = self.mid(self.conv_in(z))
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if fuse is not None:
+                h = fuse(i, h)
+            if i < len(self.ups):
+                h = self.ups[i](h)
+        feat = swish(self.norm_out(h))
+        out = F.pixel_shuffle(self.conv_out(feat), self.shuffle)
+        if image is not None and (not isinstance(w, (int, float)) or w != 0):
+            g = F.pixel_shuffle(self.gate(feat), self.shuffle)
+            out = out + w * g * (image - out)
+        return out
+
+def decode_fused(decoder: "UnshuffleDecoder", fuse: nn.ModuleList, z: torch.Tensor, skips=None, w=0.0,
+                 image: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode ``z`` with the encoder features ``skips`` (finest first, as
+    :class:`UnshuffleEncoder` returns them) fused in by the CFT blocks ``fuse`` (coarsest first)
+    at fidelity ``w``; w = 0 or no skips: the plain decoder."""
+    if skips is None or (isinstance(w, (int, float)) and w == 0):
+        return decoder(z, None, image, w)
+    ordered = skips[::-1]  # coarsest first, as the decoder's levels
+    return decoder(z, lambda i, h: fuse[i](ordered[i], h, w), image, w)

@@ -2,10 +2,11 @@
 toolkit finds it through ``EntedRestorer.train_stages``).
 
 One stage, end to end, as the paper trains (section 3.4, 4.1), on triples
-(clean crop, degraded crop, reference): the reference is **another frame of
-the same track** (at least ``plugin.ref_min_gap`` source frames away when the
-track has one: real pose and expression change, not a copy of the target).
-Tracks with a single crop (photos) are not used: they have no reference.
+(clean crop, degraded crop, reference): the reference is **another face of the
+same person**: another photo of the index's ``identity`` (faces_v2), or another
+frame of the same track (at least ``plugin.ref_min_gap`` source frames away when
+the track has one: real pose and expression change, not a copy of the target).
+People with a single crop are not used: they have no reference.
 
 Losses (Eq. 12): ``loss.l1`` L1 + the weight-free perceptual substitute
 (``loss.ms_ssim`` MS-SSIM, ``loss.lap_l1`` Laplacian-pyramid L1; no VGG weights
@@ -49,7 +50,7 @@ import yaml
 from frvideo.errors import ConfigError, InputError
 from frvideo.models import load_model_config
 from frvideo.train import losses as L
-from frvideo.train.trainer import (start_run, degrade_eval, ema_update, eval_indices, kmeans, lr_at, open_data,
+from frvideo.train.trainer import (start_run, degrade_eval, degrade_sample, ema_update, eval_indices, kmeans, lr_at, open_data,
                                    open_run_dir, reinit_dead_codes, remember_codes, restore_run_state,
                                    restore_vq_gan_state, run_loop, run_state, save_run, to_tensor, to_uint8,
                                    vq_gan_state)
@@ -110,14 +111,20 @@ class _Tracks:
             self.refs = [[i] for i in range(n)]
             self.track_of = list(range(n))
             return
-        tracks = ds.tracks()
+        # one person = one group: the index's ``identity`` when it has one (faces_v2: several
+        # photos of an LFW name, one clip's frames), else the track (a clip's face)
+        groups: dict[str, list[int]] = {}
+        for i in range(n):
+            e = ds.entry(i)
+            groups.setdefault(str(e.get("identity") or e["track"]), []).append(i)
         self.track_of = [0] * n
         self.refs = [[] for _ in range(n)]
-        for t, (name, idx) in enumerate(sorted(tracks.items())):
-            frames = {i: int(ds.entry(i).get("frame", 0)) for i in idx}
+        for t, (name, idx) in enumerate(sorted(groups.items())):
+            where = {i: (ds.entry(i)["source"], int(ds.entry(i).get("frame", 0))) for i in idx}
             for i in idx:
                 self.track_of[i] = t
-                far = [j for j in idx if abs(frames[j] - frames[i]) >= min_gap]
+                # another photo, or a frame of the same clip at least min_gap frames away
+                far = [j for j in idx if where[j][0] != where[i][0] or abs(where[j][1] - where[i][1]) >= min_gap]
                 self.refs[i] = far or [j for j in idx if j != i]
         self.sharpness = [float(ds.entry(i).get("sharpness", 0.0)) for i in range(n)]
 
@@ -220,13 +227,12 @@ class EntedTrainer:
         return lr_at(self.cfg["train"], step)
 
     def _batch(self, rng: np.random.Generator):
-        from frvideo.train.degradation import Degradation
         b = self.cfg["train"]["batch"]
         hq, lq, ref = [], [], []
         for i in rng.choice(self.usable, b):
             img = self.train_images[int(i)]
             r = self.train_images[int(rng.choice(self.train_tracks.refs[int(i)]))]
-            low = Degradation(self.cfg["degradation"]["preset"], seed=int(rng.integers(2**63))).apply(img)
+            low = degrade_sample(self.cfg["degradation"], img, rng)
             if self.cfg["data"]["flip"] and rng.random() < 0.5:  # the whole triple: the pose relation stays
                 img, low, r = img[:, ::-1], low[:, ::-1], r[:, ::-1]
             hq.append(np.ascontiguousarray(img))

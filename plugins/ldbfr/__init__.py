@@ -76,9 +76,9 @@ class LDBFRRestorer(Restorer):
     @torch.no_grad()
     def encode(self, faces: torch.Tensor, ctx: RestoreContext) -> Encoded:
         x = faces.to(device=self.device, dtype=self.dtype)
-        f_lq = self.net.encode_lq(x)
+        f_lq, skips = self.net.encode_lq_skips(x)
         scores = self.net.quantize.scores(f_lq.float())
-        return Encoded(scores=scores, state={"f_lq": f_lq})
+        return Encoded(scores=scores, state={"f_lq": f_lq, "skips": skips, "image": x})
 
     @torch.no_grad()
     def decode(self, encoded: Encoded, tokens: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:
@@ -87,4 +87,12 @@ class LDBFRRestorer(Restorer):
         f_hq = self.net.dcam(f_lq, fetched)
         steps = self.sampling_steps(ctx)
         z = self.net.enhance(f_hq, steps, self.generators(ctx, f_hq.shape[0])) if steps > 0 else f_hq
-        return self.net.decode_latent(z).clamp(-1, 1).contiguous()
+        state = encoded.state
+        return self.net.decode_latent(z, state.get("skips"), self._fidelity(ctx), state.get("image")) \
+            .clamp(-1, 1).contiguous()
+
+    def _fidelity(self, ctx: RestoreContext | None) -> float:
+        """w of the fidelity path (``skip_fusion`` networks): ``--fidelity``, else the card's default."""
+        if ctx is not None and ctx.fidelity is not None:
+            return float(ctx.fidelity)
+        return float(self.config.defaults.get("fidelity", 1.0))

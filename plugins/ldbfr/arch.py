@@ -36,8 +36,7 @@ from torch import nn
 from frvideo.nn.diffusion import DiffusionSchedule, LatentUNet, _attend, _tokens, ddim_sample, randn_per_sample, \
     sincos_2d
 from frvideo.nn.quantizer import VectorQuantizer
-from frvideo.nn.vqgan import Normalize, UnshuffleEncoder
-from plugins.lite.arch import LiteDecoder
+from frvideo.nn.vqgan import LightCFT, Normalize, UnshuffleDecoder, UnshuffleEncoder, decode_fused
 
 __all__ = ["DualCrossAttention", "LDBFRNet"]
 
@@ -96,7 +95,7 @@ class LDBFRNet(nn.Module):
                  unet_channels: int = 64, unet_mult: Sequence[int] = (1, 2, 2), unet_res_blocks: int = 2,
                  unet_attn_levels: Sequence[int] = (1, 2), unet_heads: int = 4, hqi_heads: int = 4,
                  timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "scaled_linear", gaussian_skip: bool = True):
+                 beta_schedule: str = "scaled_linear", gaussian_skip: bool = True, skip_fusion: bool = False):
         super().__init__()
         self.img_size = img_size
         self.compression = shuffle * 2 ** (len(ch_mult) - 1)
@@ -108,7 +107,12 @@ class LDBFRNet(nn.Module):
         self.dcam = DualCrossAttention(emb_dim, dcam_heads, dcam_heads)
         self.unet = LatentUNet(emb_dim, unet_channels, unet_mult, unet_res_blocks, unet_attn_levels, unet_heads,
                                cond_channels=emb_dim, hqi_heads=hqi_heads)
-        self.decoder = LiteDecoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
+        self.decoder = UnshuffleDecoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
+        # the fidelity path (``skip_fusion``): the LQ encoder's features fused into the decoder at
+        # every level (lite's CFT blocks), so the input's detail need not squeeze through the
+        # 16 x 16 latent; f_HQ / the diffusion latent then carry the prior
+        self.skip_fusion = skip_fusion
+        self.fuse = nn.ModuleList([LightCFT(c) for c in self.decoder.level_channels]) if skip_fusion else None
         self.register_buffer("latent_mean", torch.zeros(1, emb_dim, 1, 1))
         self.register_buffer("latent_std", torch.ones(1, emb_dim, 1, 1))
         # per-channel variance of (normalised) z_0 around the normalised f_HQ, measured by the
@@ -120,7 +124,12 @@ class LDBFRNet(nn.Module):
     # -- DC-VQR ------------------------------------------------------------------------
     def encode_lq(self, x: torch.Tensor) -> torch.Tensor:
         """x_LQ (B x 3 x S x S, [-1, 1]) -> f_LQ (B x D x S/16 x S/16)."""
-        return self.lq_encoder(x.contiguous())[0].contiguous()
+        return self.encode_lq_skips(x)[0]
+
+    def encode_lq_skips(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(f_LQ, the LQ encoder's features per level, finest first) - the fidelity path's input."""
+        f_lq, skips = self.lq_encoder(x.contiguous())
+        return f_lq.contiguous(), skips
 
     def encode_hq(self, x: torch.Tensor) -> torch.Tensor:
         """Clean image -> E_HQ latent (the diffusion's z_0 before normalisation, and f_HQ's target)."""
@@ -186,8 +195,12 @@ class LDBFRNet(nn.Module):
         return self.denormalize_latent(z0)
 
     # -- decoder ----------------------------------------------------------------------------
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode_latent(self, z: torch.Tensor, skips=None, w=0.0, image=None) -> torch.Tensor:
+        """Render a latent; with ``skip_fusion`` and ``skips`` the LQ features are fused in at
+        fidelity ``w`` (and the output gate moves toward ``image``)."""
+        if self.fuse is None:
+            return self.decoder(z)
+        return decode_fused(self.decoder, self.fuse, z, skips, w, image)
 
     def forward(self, x: torch.Tensor, steps: int = 4) -> torch.Tensor:
         return self.decode_latent(self.enhance(self.dcvqr(x), steps))

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import yaml
 
 from frvideo.errors import ConfigError, InputError
-from frvideo.train.trainer import (start_run, open_train_eval, degrade_eval, ema_update, eval_indices, lr_at,
+from frvideo.train.trainer import (start_run, open_train_eval, degrade_eval, degrade_sample, ema_update, eval_indices, lr_at,
                                    open_run_dir, restore_run_state, run_loop, run_state, save_run, to_tensor,
                                    to_uint8)
 
@@ -55,6 +55,10 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # initialisation
     "lite_codebook": None,  # lite stage-1 run (last.pth or export): E_HQ, L_HQ, decoder
     "lite_lq_encoder": None,  # a lite restorer checkpoint whose encoder starts E_LQ (e.g. plugins/lite/weights/lite.pth)
+    # skip_fusion networks: the same lite restorer also starts the fidelity path (its CFT blocks
+    # and its decoder, trained with the LQ features fused in); ldbfr-dcvqr then trains them too
+    "train_fidelity_path": True,
+    "fidelity_one_prob": 0.6,  # w = 1 for this share of the samples, else uniform in [0, 1]
     "dcvqr_from": None,  # ldbfr-hqi: the ldbfr-dcvqr run (E_LQ, DCAM)
     "allow_random_init": False,  # tests only: train a stage without its predecessors' weights
     # ldbfr-dcvqr losses
@@ -63,6 +67,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "fetch_mse": 0.25,
     # ldbfr-hqi
     "pool_per_image": 2,
+    "pool_images": None,  # ldbfr-unet / ldbfr-hqi: at most this many training crops encoded (None: all)
     "eval_steps": [4],  # DDIM steps of the eval samples
     "eval_seed": 7,  # noise seed of the eval samples (face j: eval_seed + j)
     "encode_batch": 16,
@@ -226,12 +231,11 @@ class _Stage:
     # -- data ----------------------------------------------------------------------------------
     def _pairs(self, rng: np.random.Generator, count: int, crop: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` (clean, degraded) training crops: random image, degradation, crop, flip."""
-        from frvideo.train.degradation import Degradation
         d = self.cfg["data"]
         hq, lq = [], []
         for i in rng.integers(0, len(self.train_images), count):
             img = self.train_images[int(i)]
-            low = Degradation(self.cfg["degradation"]["preset"], seed=int(rng.integers(2**63))).apply(img)
+            low = degrade_sample(self.cfg["degradation"], img, rng)
             c = crop or d["size"]
             y, x = (int(rng.integers(0, (d["size"] - c) // 16 + 1)) * 16 for _ in range(2))  # on the token grid
             h, l_ = img[y:y + c, x:x + c], low[y:y + c, x:x + c]
@@ -251,23 +255,35 @@ class DCVQRStage(_Stage):
         self._init_from_lite()
         path = self.p["lite_lq_encoder"]
         if path:
-            _load_prefixed(self.net.lq_encoder, _read_state(path, "plugin.lite_lq_encoder"), "encoder.", path)
+            state = _read_state(path, "plugin.lite_lq_encoder")
+            _load_prefixed(self.net.lq_encoder, state, "encoder.", path)
+            if self.net.skip_fusion:  # the restorer's fidelity path: its decoder and CFT blocks
+                _load_prefixed(self.net.decoder, state, "decoder.", path)
+                _load_prefixed(self.net.fuse, state, "fuse.", path)
         elif self.p["lite_codebook"]:  # start E_LQ as the clean encoder
             self.net.lq_encoder.load_state_dict(self.net.hq_encoder.state_dict())
 
     def trainable(self):
-        return list(self.net.lq_encoder.parameters()) + list(self.net.dcam.parameters())
+        params = list(self.net.lq_encoder.parameters()) + list(self.net.dcam.parameters())
+        if self.net.skip_fusion and self.p["train_fidelity_path"]:
+            params += list(self.net.decoder.parameters()) + list(self.net.fuse.parameters())
+        return params
 
-    def losses(self, hq: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _fidelity(self, rng: np.random.Generator, n: int) -> torch.Tensor:
+        """Per-sample w (B x 1 x 1 x 1) for the fidelity path, w = 1 most often."""
+        w = np.where(rng.random(n) < self.p["fidelity_one_prob"], 1.0, rng.random(n))
+        return torch.tensor(w, dtype=torch.float32, device=self.device).view(n, 1, 1, 1)
+
+    def losses(self, hq: torch.Tensor, lq: torch.Tensor, w=0.0) -> tuple[torch.Tensor, dict]:
         net, p = self.net, self.p
         with torch.no_grad():
             target = net.encode_hq(hq)
             target_codes = net.fetch(target)[1]
-        f_lq = net.encode_lq(lq)
+        f_lq, skips = net.encode_lq_skips(lq)
         _, fetched = net.fetch(f_lq.detach())
         f_hq = net.dcam(f_lq, fetched)
         logs = {"feat_mse": p["feat_mse"] * F.mse_loss(f_hq, target),
-                "pixel_mse": p["pixel_mse"] * F.mse_loss(net.decode_latent(f_hq), hq)}
+                "pixel_mse": p["pixel_mse"] * F.mse_loss(net.decode_latent(f_hq, skips, w, lq), hq)}
         if p["fetch_mse"]:
             logs["fetch_mse"] = p["fetch_mse"] * F.mse_loss(f_lq, target_codes)
         return sum(logs.values()), logs
@@ -275,7 +291,8 @@ class DCVQRStage(_Stage):
     def train_step(self) -> dict:
         rng, _ = self._rng()
         hq, lq = self._pairs(rng, int(self.cfg["train"]["batch"]), self.cfg["data"]["crop"])
-        loss, logs = self.losses(hq, lq)
+        w = self._fidelity(rng, len(hq)) if self.net.skip_fusion else 0.0
+        loss, logs = self.losses(hq, lq, w)
         lr = self.lr_at(self.step)
         self._optimize(loss)
         return {**{k: float(v.detach()) for k, v in logs.items()}, "loss": float(loss.detach()), "lr": lr}
@@ -286,10 +303,10 @@ class DCVQRStage(_Stage):
         fetch_out, dcvqr_out = [], []
         for s in range(0, len(self.eval_lq), 4):
             x = to_tensor(self.eval_lq[s:s + 4], self.device)
-            f_lq = net.encode_lq(x)
+            f_lq, skips = net.encode_lq_skips(x)
             fetched = net.fetch(f_lq)[1]
             fetch_out += to_uint8(net.decode_latent(fetched))
-            dcvqr_out += to_uint8(net.decode_latent(net.dcam(f_lq, fetched)))
+            dcvqr_out += to_uint8(net.decode_latent(net.dcam(f_lq, fetched), skips, 1.0, x))
         row: dict[str, Any] = {"step": self.step}
         row["psnr_input"], row["ssim_input"] = self._eval_psnr(self.eval_lq)
         row["psnr_fetch"], row["ssim_fetch"] = self._eval_psnr(fetch_out)
@@ -345,7 +362,10 @@ class UNetStage(_LatentStage):
         return [p for _, p in self.net.unet.base_named_parameters()]
 
     def prepare(self) -> None:
-        images = [self.train_images[i] for i in range(len(self.train_images))]
+        n = len(self.train_images)
+        picked = range(n) if not self.p["pool_images"] or self.p["pool_images"] >= n else sorted(
+            np.random.default_rng([self.seed, 104729]).choice(n, int(self.p["pool_images"]), replace=False).tolist())
+        images = [self.train_images[i] for i in picked]
         t0 = time.time()
         z = torch.cat([self._encode_clean(images, False), self._encode_clean(images, True)])
         # per-channel statistics of the clean latents (LDM's scale_factor, per channel)
@@ -382,8 +402,9 @@ class HQIStage(_LatentStage):
         if path:
             self._init_from_run("init_from", path)
         dcvqr = self._need("dcvqr_from", "the ldbfr-dcvqr run's last.pth")
-        if dcvqr:
-            self._init_from_run("plugin.dcvqr_from", dcvqr, ["lq_encoder", "dcam"])
+        if dcvqr:  # with skip_fusion the DC-VQR run also trained the fidelity path (decoder, fuse)
+            self._init_from_run("plugin.dcvqr_from", dcvqr,
+                                ["lq_encoder", "dcam"] + (["decoder", "fuse"] if self.net.skip_fusion else []))
 
     def _need(self, key, what):
         if key == "init_from":
@@ -396,20 +417,21 @@ class HQIStage(_LatentStage):
         return self.net.unet.hqi_parameters()
 
     def prepare(self) -> None:
-        from frvideo.train.degradation import Degradation
         t0 = time.time()
         rng = np.random.default_rng([self.seed, 7919])
         net, bs = self.net.eval(), int(self.p["encode_batch"])
         n = len(self.train_images)
+        images = range(n) if not self.p["pool_images"] or self.p["pool_images"] >= n else \
+            sorted(rng.choice(n, int(self.p["pool_images"]), replace=False).tolist())
         order = [(i, int(rng.integers(2)), int(rng.integers(2**63))) for _ in range(int(self.p["pool_per_image"]))
-                 for i in range(n)]
+                 for i in images]
         z0, cond = [], []
         with torch.no_grad():
             for s in range(0, len(order), bs):
                 chunk = order[s:s + bs]
                 hq = [self.train_images[i][:, ::-1] if flip else self.train_images[i] for i, flip, _ in chunk]
                 hq = [np.ascontiguousarray(h) for h in hq]
-                lq = [Degradation(self.cfg["degradation"]["preset"], seed=seed).apply(h)
+                lq = [degrade_sample(self.cfg["degradation"], h, np.random.default_rng(seed))
                       for h, (_, _, seed) in zip(hq, chunk)]
                 z0.append(net.encode_hq(to_tensor(hq, self.device)).float())
                 cond.append(net.dcvqr(to_tensor(lq, self.device)).float())
@@ -423,6 +445,7 @@ class HQIStage(_LatentStage):
         x = to_tensor(self.eval_lq, self.device)
         with torch.no_grad():
             self.eval_f_hq = net.dcvqr(x)
+            self.eval_skips = net.encode_lq_skips(x)[1]
             self.eval_z0 = net.normalize_latent(net.encode_hq(to_tensor(self.eval_hq, self.device)))
         if not self.quiet:
             print(f"built a pool of {self.z0.shape[0]} (latent, condition) pairs in {time.time() - t0:.1f} s",
@@ -442,10 +465,14 @@ class HQIStage(_LatentStage):
         row: dict[str, Any] = {"step": self.step}
         row.update(self._eval_eps(net, self.eval_z0, net.normalize_latent(self.eval_f_hq)))
         row["psnr_input"], row["ssim_input"] = self._eval_psnr(self.eval_lq)
-        row["psnr_dcvqr"], row["ssim_dcvqr"] = self._eval_psnr(to_uint8(net.decode_latent(self.eval_f_hq)))
+        x = to_tensor(self.eval_lq, self.device)
+
+        def render(z):  # with the fidelity path at w = 1 when the network has one
+            return to_uint8(net.decode_latent(z, self.eval_skips, 1.0, x))
+        row["psnr_dcvqr"], row["ssim_dcvqr"] = self._eval_psnr(render(self.eval_f_hq))
         seed = int(self.p["eval_seed"])
         for steps in self.p["eval_steps"]:
             gens = [torch.Generator().manual_seed(seed + j) for j in range(self.eval_f_hq.shape[0])]
             z = net.enhance(self.eval_f_hq, int(steps), gens)
-            row[f"psnr_s{steps}"], row[f"ssim_s{steps}"] = self._eval_psnr(to_uint8(net.decode_latent(z)))
+            row[f"psnr_s{steps}"], row[f"ssim_s{steps}"] = self._eval_psnr(render(z))
         return row

@@ -32,78 +32,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from frvideo.nn.quantizer import VectorQuantizer
-from frvideo.nn.vqgan import Normalize, ResBlock, UnshuffleEncoder, Upsample, swish
-
-
-class FuseSFT(nn.Module):
-    """CFT block (CodeFormer's ``Fuse_sft_block``, lightened: one 3x3 conv for the
-    condition and one for scale and shift together): a spatial feature transform
-    of decoder features conditioned on the encoder feature, scaled by ``w``."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.cond = nn.Conv2d(2 * channels, channels, 3, padding=1)
-        self.scale_shift = nn.Conv2d(channels, 2 * channels, 3, padding=1)
-        # start as the identity (w has no effect until trained)
-        nn.init.zeros_(self.scale_shift.weight)
-        nn.init.zeros_(self.scale_shift.bias)
-
-    def forward(self, enc_feat: torch.Tensor, dec_feat: torch.Tensor, w) -> torch.Tensor:
-        cond = F.leaky_relu(self.cond(torch.cat([enc_feat, dec_feat], dim=1)), 0.2)
-        scale, shift = self.scale_shift(cond).chunk(2, dim=1)
-        return dec_feat + w * (dec_feat * scale + shift)
-
-
-class LiteDecoder(nn.Module):
-    """Latent -> image, mirror of its encoder (:class:`frvideo.nn.vqgan.UnshuffleEncoder`). ``level_channels`` (coarsest
-    first) are the channels where the CFT blocks act (after each level's blocks)."""
-
-    def __init__(self, nf: int, ch_mult: Sequence[int], res_blocks: int, emb_dim: int, shuffle: int = 2):
-        super().__init__()
-        self.shuffle = shuffle
-        ch = nf * ch_mult[-1]
-        self.conv_in = nn.Conv2d(emb_dim, ch, 3, padding=1)
-        self.mid = ResBlock(ch)
-        self.levels = nn.ModuleList()
-        self.ups = nn.ModuleList()
-        self.level_channels = []
-        for i in reversed(range(len(ch_mult))):
-            blocks = []
-            for _ in range(res_blocks):
-                blocks.append(ResBlock(ch, nf * ch_mult[i]))
-                ch = nf * ch_mult[i]
-            self.levels.append(nn.Sequential(*blocks))
-            self.level_channels.append(ch)
-            if i != 0:
-                self.ups.append(Upsample(ch))
-        self.norm_out = Normalize(ch)
-        self.conv_out = nn.Conv2d(ch, 3 * shuffle * shuffle, 3, padding=1)  # then pixel-shuffle
-        # fidelity gate: per-pixel weight of the input image in the output (zero at init)
-        self.gate = nn.Conv2d(ch, 3 * shuffle * shuffle, 3, padding=1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
-
-    def forward(self, z: torch.Tensor, fuse=None, image: torch.Tensor | None = None, w=0.0) -> torch.Tensor:
-        """``fuse(level_index, h) -> h`` is called after each level (coarsest = 0). With
-        ``image`` (the input) and ``w`` != 0 the output moves toward the input by
-        ``w * gate``: ``out + w * g * (image - out)``, g predicted per pixel."""
-        h = self.mid(self.conv_in(z))
-        for i, level in enumerate(self.levels):
-            h = level(h)
-            if fuse is not None:
-                h = fuse(i, h)
-            if i < len(self.ups):
-                h = self.ups[i](h)
-        feat = swish(self.norm_out(h))
-        out = F.pixel_shuffle(self.conv_out(feat), self.shuffle)
-        if image is not None and (not isinstance(w, (int, float)) or w != 0):
-            g = F.pixel_shuffle(self.gate(feat), self.shuffle)
-            out = out + w * g * (image - out)
-        return out
+from frvideo.nn.vqgan import LightCFT, Normalize, ResBlock, UnshuffleDecoder, UnshuffleEncoder, decode_fused, swish
 
 
 class TokenPredictor(nn.Module):
@@ -139,8 +71,8 @@ class LiteNet(nn.Module):
         self.encoder = UnshuffleEncoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
         self.quantize = VectorQuantizer(codebook_size, emb_dim)
         self.predictor = TokenPredictor(emb_dim, predictor_channels, predictor_blocks, codebook_size)
-        self.decoder = LiteDecoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
-        self.fuse = nn.ModuleList([FuseSFT(c) for c in self.decoder.level_channels])
+        self.decoder = UnshuffleDecoder(nf, ch_mult, res_blocks, emb_dim, shuffle)
+        self.fuse = nn.ModuleList([LightCFT(c) for c in self.decoder.level_channels])
         nn.init.uniform_(self.quantize.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 
     # -- stage-1 pieces -----------------------------------------------------------
@@ -148,13 +80,7 @@ class LiteNet(nn.Module):
         return self.encoder(x)
 
     def decode_latent(self, z: torch.Tensor, skips=None, w=0.0, image=None) -> torch.Tensor:
-        fuse = None
-        if skips is not None and (not isinstance(w, (int, float)) or w != 0):
-            ordered = skips[::-1]  # coarsest first, as the decoder's levels
-
-            def fuse(i, h):
-                return self.fuse[i](ordered[i], h, w)
-        return self.decoder(z, fuse, image, w)
+        return decode_fused(self.decoder, self.fuse, z, skips, w, image)
 
     # -- the restorer ---------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> LiteEncoding:
