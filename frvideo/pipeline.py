@@ -285,6 +285,23 @@ class FacePipeline:
         if len(self.history) > 4 * len(self.tracker.tracks) + 16:  # forget ended tracks
             live = {t.id for t in self.tracker.tracks}
             self.history = {k: v for k, v in self.history.items() if k in live}
+        self._forget_ended_tracks()
+
+    def _forget_ended_tracks(self) -> None:
+        """Drop the token/face-filter state of tracks the tracker has dropped. Without this it
+        piled up to the stores' 256-track caps (~2 MB a track with lite), so RSS grew by
+        hundreds of MB over a long video with many faces coming and going (bench/soak.py)."""
+        live = {t.id for t in self.tracker.tracks}
+        keep = self.opts.batch_size  # fewer faces than a batch wait: at most that many ended tracks need theirs
+        for store in (self.smoother, self.face_filter):
+            if store is None or len(store.tracks) <= len(live) + keep:
+                continue
+            ended = [tid for tid in store.tracks if tid not in live]  # oldest use first
+            for tid in ended[:len(ended) - keep]:
+                if hasattr(store, "_end"):
+                    store._end(tid)  # TokenSmoother: keeps the track's flip count for its statistics
+                else:
+                    store.tracks.pop(tid, None)
 
     @torch.inference_mode()
     def _restore(self, jobs: list[FaceJob]) -> None:
