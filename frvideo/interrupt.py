@@ -80,8 +80,8 @@ def message(exc: Interrupted | KeyboardInterrupt) -> str:
 
 
 def _handler(signum, frame) -> None:
-    if _State.finished:
-        os._exit(128 + signum)
+    if _State.finished:  # after main() returned: the stop (if any) is done; leave with its code
+        os._exit(128 + (_State.first if _State.first is not None else signum))
     if _State.first is None:
         _State.first = signum
         if _State.defer:
@@ -139,6 +139,15 @@ def uninstall() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     _State.finished = True
+    if _State.first is not None:
+        # stopped by a signal, clean-up done: Python's exit resets its handlers to the defaults, so a
+        # later signal (to any thread) would kill the process and change the exit code; ignore them
+        for sig in STOP_SIGNALS:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
+        return
     for sig, before in list(_State.previous.items()):
         try:
             if signal.getsignal(sig) is _handler:

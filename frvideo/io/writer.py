@@ -435,7 +435,7 @@ class VideoWriter:
     def write(self, frame: av.VideoFrame) -> None:
         if frame.format.name != self.pix_fmt:
             src = frame
-            frame = frame.reformat(format=self.pix_fmt)
+            frame = frame.reformat(format=self.pix_fmt, threads=1)  # no swscale thread pool per frame
             frame.pts, frame.time_base = src.pts, src.time_base
         if self.numbered:
             frame.pts = self.count
