@@ -197,6 +197,10 @@ INPUTS = [
       "readable", skip="root reads any file" if ROOT else None),
     C("inputs", "tiny-1x1", lambda w: [w.clip("one.mkv", n=3, size=(1, 1), codec="ffv1", pix_fmt="yuv444p"),
                                        w.out("o.mkv"), *FAST], EXIT_OK, None, makes_target=True, target="o.mkv", lines=0),
+    C("inputs", "metrics-on-1x1", lambda w: ["metrics", w.clip("one.mkv", n=3, size=(1, 1), codec="ffv1",
+                                                               pix_fmt="yuv444p"), w.clip("one.mkv")], EXIT_USAGE,
+      "SSIM"),
+    C("inputs", "metrics-missing", lambda w: ["metrics", w.clip(), w.out("none.mp4")], EXIT_INPUT, "not found"),
 ]
 
 OUTPUTS = [
