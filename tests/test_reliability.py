@@ -428,8 +428,10 @@ def test_every_numeric_option_is_range_checked():
 # -- subprocess cases: signals and pipes ---------------------------------------------------
 
 def _default_sigint():
-    # a background shell job starts with SIGINT ignored; a terminal's Ctrl-C finds the default
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # a background shell job starts with SIGINT ignored, nohup with SIGHUP ignored (and frvideo keeps
+    # what it finds ignored): give the run the defaults a terminal's Ctrl-C or a hang-up would find
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def frvideo(args, before_exec: Optional[Callable[[], None]] = None, **kw) -> subprocess.Popen:
