@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
-from . import __version__
+from . import __version__, interrupt
 from .argtypes import number
 from .errors import (EXIT_INTERRUPTED, EXIT_OK, ConfigError, FrvideoError, UsageError)
 
@@ -29,6 +31,14 @@ _non_negative = number(int, 0)
 _positive = number(int, 1)
 _unit_interval = number(float, 0.0, 1.0, high_open=True)  # a weight of the past: 1 would never let the present in
 _positive_float = number(float, 0.0, low_open=True)
+_non_negative_float = number(float, 0.0)
+# upper bounds where a huge value would hold the whole video in memory (frames wait for a full
+# batch / for the look-ahead window) or ask for an image larger than any video
+_batch = number(int, 1, 1024)
+_lookahead = number(int, 0, 250)
+_pixels = number(int, 0, 16384)
+_steps = number(int, 0, 10000)
+_any_number = number(float)
 
 
 def _strength(text: str):
@@ -40,9 +50,17 @@ def _strength(text: str):
 
 def _track_list(text: str) -> set[int]:
     try:
-        return {int(t) for t in text.split(",") if t.strip()}
+        ids = {int(t) for t in text.split(",") if t.strip()}
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of track ids") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("an empty list of track ids")
+    if min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"track ids are >= 0, not {min(ids)}")
+    return ids
+
+
+_track_list.range_checked = True
 
 
 def build_parser() -> _Parser:
@@ -56,7 +74,7 @@ def build_parser() -> _Parser:
     g.add_argument("--model", default="auto", help="restoration model (default auto: best with weights installed)")
     g.add_argument("--weights", help="weight file for --model (overrides $FRVIDEO_HOME/weights)")
     g.add_argument("--fidelity", type=_fraction, help="0 = quality .. 1 = fidelity (CodeFormer w, VQFR v2 ratio)")
-    g.add_argument("--steps", type=_non_negative, help="diffusion models (ldbfr): DDIM steps (default: the model's; "
+    g.add_argument("--steps", type=_steps, help="diffusion models (ldbfr): DDIM steps (default: the model's; "
                                                        "0 = skip the diffusion)")
     g.add_argument("--fresh-noise", action="store_true",
                    help="diffusion models: new noise every frame instead of noise locked per track (flickers; "
@@ -64,17 +82,17 @@ def build_parser() -> _Parser:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on GPU, fp32 on CPU")
-    g.add_argument("--batch-size", type=_positive, default=4, help="faces per model call (default 4)")
+    g.add_argument("--batch-size", type=_batch, default=4, help="faces per model call (default 4)")
     g = p.add_argument_group("faces")
     g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet, embedded (built in)")
     g.add_argument("--detector-weights", help="weight file for --detector")
-    g.add_argument("--detect-size", type=int, help="shrink frames to this longer side for detection "
+    g.add_argument("--detect-size", type=_pixels, help="shrink frames to this longer side for detection "
                    "(default 640; 0 = full resolution, finds smaller faces, slower)")
-    g.add_argument("--min-face", type=int, default=24, help="skip faces smaller than this many pixels (default 24)")
+    g.add_argument("--min-face", type=_pixels, default=24, help="skip faces smaller than this many pixels (default 24)")
     g.add_argument("--only-largest", action="store_true", help="restore only the largest face of each frame")
     g.add_argument("--tracks", type=_track_list, help="restore only these track ids (see --draw), e.g. 0,2")
     g.add_argument("--draw", action="store_true", help="draw boxes, landmarks and track ids on the output")
-    g.add_argument("--bridge", type=_non_negative, default=8, metavar="N",
+    g.add_argument("--bridge", type=_lookahead, default=8, metavar="N",
                    help="a face the detector misses for up to N frames stays restored: landmarks interpolated "
                         "between the detections around the gap (predicted with --lookahead 0); 0 = off (default 8)")
     g.add_argument("--faces", metavar="FILE.jsonl",
@@ -92,7 +110,7 @@ def build_parser() -> _Parser:
                    help="tokens: codebook-token smoothing per track; full: tokens plus a motion-compensated "
                         "filter of the restored face in time (default full)")
     g.add_argument("--temporal-alpha", type=_unit_interval, default=0.6, help="weight of the past in token smoothing")
-    g.add_argument("--temporal-margin", type=float, default=0.3,
+    g.add_argument("--temporal-margin", type=_non_negative_float, default=0.3,
                    help="log-probability margin another token needs to replace the current one")
     g.add_argument("--temporal-strength", type=_unit_interval, default=0.8,
                    help="full: weight of the previous restored face where nothing moved, 0-0.99 (default 0.8)")
@@ -101,10 +119,10 @@ def build_parser() -> _Parser:
                         "the face filter follows the new restoration (default 0.08)")
     g.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
                    help="smooth landmarks per track so the aligned crop stays still (default on)")
-    g.add_argument("--lookahead", type=int, default=4,
+    g.add_argument("--lookahead", type=_lookahead, default=4,
                    help="frames of look-ahead for landmark smoothing (default 4; 0 = causal, for live)")
     g = p.add_argument_group("reference (reference-based models: ented)")
-    g.add_argument("--reference-frame", type=int, metavar="N",
+    g.add_argument("--reference-frame", type=_non_negative, metavar="N",
                    help="use the largest face of frame N (0-based) of the input as every track's reference "
                         "(default: a keyframe chosen per track)")
     g.add_argument("--reference-image", metavar="PATH",
@@ -113,7 +131,7 @@ def build_parser() -> _Parser:
                    help="restore each reference once with this model first (e.g. codeformer)")
     g = p.add_argument_group("encoding")
     g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...)")
-    g.add_argument("--crf", type=float, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
+    g.add_argument("--crf", type=_any_number, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
     g.add_argument("--preset", help="encoder preset (default medium)")
     g.add_argument("--pix-fmt", help="output pixel format (default: the input's, so bit depth is kept)")
     g = p.add_argument_group("run")
@@ -124,28 +142,192 @@ def build_parser() -> _Parser:
     return p
 
 
-def _apply_config(parser: _Parser, argv: list[str]) -> argparse.Namespace:
-    """--config values become defaults; flags on the command line still win."""
+NOT_IN_CONFIG = ("input", "output", "config", "help", "version")
+
+
+def _config_value(action: argparse.Action, key: str, value, source: str):
+    """One config entry, checked as strictly as the same option on the command line (same type
+    and range parsers), plus YAML's own pitfalls: booleans only for flags, no lists where a
+    single value goes, no null."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: {why}")
+
+    if action.nargs == 0:  # a flag (--draw, --smooth-landmarks/--no-smooth-landmarks)
+        if not isinstance(value, bool):
+            raise bad(f"must be true or false, not {value!r}")
+        if isinstance(action, argparse._StoreTrueAction) and value is False:
+            return False
+        return value
+    if value is None:
+        raise bad("has no value (remove the line to keep the default)")
+    if isinstance(value, bool):
+        raise bad(f"must be a value, not {str(value).lower()} (only on/off options take true/false)")
+    if isinstance(value, list):
+        if action.type is not _track_list:
+            raise bad(f"must be a single value, not a list {value!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad(f"must be a list of track ids (whole numbers), not {value!r}")
+        text = ",".join(map(str, value)) if value else ""
+    elif isinstance(value, (int, float, str)):
+        text = str(value)
+    else:
+        raise bad(f"must be a number or a text, not a {type(value).__name__}")
+    if action.type is not None:
+        try:
+            converted = action.type(text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            raise bad(str(exc)) from None
+    else:
+        converted = text
+    if action.choices and converted not in action.choices:
+        raise bad(f"must be one of {', '.join(map(str, action.choices))}, not {converted!r}")
+    return converted
+
+
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """The options the command line itself sets (a --config value only fills in the others)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _parse_restore_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The parsed options and, for each option a --config file set, 'FILE: key' (so a value the
+    file got wrong is reported against the file, exit 6, not as a command-line mistake)."""
     from .models import load_preset
 
+    parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
+    origin: dict[str, str] = {}
+    if first.config is not None:
+        if not first.config.strip():
+            raise UsageError("--config: the file name is empty")
         values = load_preset(first.config)
-        dests = {a.dest for a in parser._actions}
+        explicit = _explicit_dests(argv)
+        actions = {a.dest: a for a in parser._actions}
         for key, value in values.items():
             dest = str(key).replace("-", "_")
-            if dest not in dests or dest in ("input", "output", "config", "help", "version"):
+            if not isinstance(key, str) or dest not in actions or dest in NOT_IN_CONFIG:
                 raise ConfigError(f"{first.config}: unknown option {key!r}")
-            action = next(a for a in parser._actions if a.dest == dest)
-            if action.type is not None and value is not None and not isinstance(value, bool):
-                try:
-                    value = action.type(str(value) if not isinstance(value, list) else ",".join(map(str, value)))
-                except (argparse.ArgumentTypeError, ValueError) as exc:
-                    raise ConfigError(f"{first.config}: bad value for {key!r}: {exc}") from None
-            if action.choices and value not in action.choices:
-                raise ConfigError(f"{first.config}: {key!r} must be one of {', '.join(action.choices)}")
-            parser.set_defaults(**{dest: value})
-    return parser.parse_args(argv)
+            parser.set_defaults(**{dest: _config_value(actions[dest], str(key), value, first.config)})
+            if dest not in explicit:
+                origin[dest] = f"{first.config}: {key}"
+    return parser.parse_args(argv), origin
+
+
+def _apply_config(parser: _Parser, argv: list[str]) -> argparse.Namespace:
+    """--config values become defaults; flags on the command line still win."""
+    return _parse_restore_args(argv)[0]
+
+
+class _OptionCheck:
+    """Reports a bad option value against where it came from: the command line (UsageError,
+    exit 2) or the --config file (ConfigError, exit 6)."""
+
+    def __init__(self, origin: dict[str, str]):
+        self.origin = origin
+
+    def fail(self, dest: str, message: str) -> None:
+        if dest in self.origin:
+            raise ConfigError(f"{self.origin[dest]}: {message}")
+        raise UsageError(f"--{dest.replace('_', '-')}: {message}")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
+
+
+def _card_of_kind(check: _OptionCheck, dest: str, name: str, kind: str):
+    """The model card NAME of KIND (restorer/detector), or a usage error listing the known ones."""
+    from .models import load_model_config, model_names
+
+    known = model_names(kind)
+    if name not in known:
+        other = "detector" if kind == "restorer" else "restorer"
+        if name in model_names(other):
+            what = "a face detector, not a restoration model" if kind == "restorer" else \
+                "a restoration model, not a face detector"
+            check.fail(dest, f"{name!r} is {what}")
+        check.fail(dest, f"unknown {'model' if kind == 'restorer' else 'detector'} {name!r} "
+                         f"(known: {', '.join(['auto', *known])})")
+    return load_model_config(name)
+
+
+def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> dict:
+    """Every option and config value checked before any model loads or frame is read: files,
+    names (models, detectors, encoders, presets, pixel formats), devices, and the combinations
+    that only some models take. Returns what the checks found out (model name, device, ...)."""
+    from .io.reader import STDIO, check_input_source, is_url, probe_input
+    from .io.writer import EncodeOptionError, EncodeOptions, check_encode_options, check_output_target
+    from .restore import auto_model_name, backend_class
+    from .weights import check_weights_path
+
+    check = _OptionCheck(origin)
+    for action in build_parser()._actions:  # text options: an empty value is never meant
+        value = getattr(args, action.dest, None)
+        if action.dest not in ("input", "output") and isinstance(value, str) and not value.strip():
+            check.fail(action.dest, "must not be empty")
+    check_input_source(args.input)
+    if args.input != STDIO and args.output != STDIO and not is_url(args.input) and Path(args.input).exists():
+        out = Path(args.output)
+        if out.exists() and os.path.samefile(out, args.input) or out.resolve() == Path(args.input).resolve():
+            raise UsageError("output would overwrite the input; choose another output path")
+    check_output_target(args.output)
+    if args.faces is not None:
+        from .faces.facelog import check_face_log_target
+        check_face_log_target(args.faces, args.output)
+
+    if not _DEVICE.match(args.device):
+        check.fail("device", f"unknown device {args.device!r} (auto, cpu, cuda, cuda:N)")
+    device, dtype = _device_and_dtype(args.device, args.precision)
+
+    card = _card_of_kind(check, "model", args.model, "restorer") if args.model != "auto" else None
+    model = card.name if card is not None else auto_model_name()
+    if card is None:
+        from .models import load_model_config
+        card = load_model_config(model)
+    backend = backend_class(card.backend)
+    if args.weights is not None:
+        if card.weights is None:
+            check.fail("weights", f"model {model!r} takes no weight file")
+        check_weights_path(args.weights, "--weights")
+    if args.detector != "auto":
+        detector_card = _card_of_kind(check, "detector", args.detector, "detector")
+        if args.detector_weights is not None and detector_card.weights is None:
+            check.fail("detector_weights", f"detector {args.detector!r} takes no weight file")
+    if args.detector_weights is not None:
+        check_weights_path(args.detector_weights, "--detector-weights")
+
+    reference_given = [d for d in ("reference_frame", "reference_image", "reference_restorer")
+                       if getattr(args, d) is not None]
+    if reference_given and not backend.needs_reference:
+        check.fail(reference_given[0], f"applies to reference-based models (ented), not to {model!r}")
+    if args.reference_frame is not None and args.reference_image is not None:
+        raise UsageError("give --reference-frame or --reference-image, not both")
+    if args.reference_frame is not None and args.input == STDIO:
+        check.fail("reference_frame", "needs a file input (stdin cannot be read twice); use --reference-image")
+    if args.reference_image is not None:
+        image = Path(args.reference_image)
+        if not image.is_file():
+            from .errors import InputError
+            raise InputError(f"reference image not found (or not a file): {args.reference_image}")
+    if args.reference_restorer is not None:
+        other = _card_of_kind(check, "reference_restorer", args.reference_restorer, "restorer")
+        if backend_class(other.backend).needs_reference:
+            check.fail("reference_restorer", f"{args.reference_restorer} needs a reference itself")
+    if not backend.stochastic:
+        given = "steps" if args.steps is not None else "fresh_noise" if args.fresh_noise else None
+        if given:
+            check.fail(given, f"applies to diffusion models (ldbfr), not to {model!r}")
+
+    probed = probe_input(args.input)  # (codec, pix_fmt) from a file's header; None for pipes
+    input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
+    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt)
+    try:
+        check_encode_options(args.output, encode, input_codec, input_pix_fmt)
+    except EncodeOptionError as exc:
+        check.fail(exc.option, str(exc))
+    return {"model": model, "device": device, "dtype": dtype, "encode": encode}
 
 
 def _device_and_dtype(device: str, precision: str):
@@ -165,25 +347,31 @@ def _device_and_dtype(device: str, precision: str):
     return device, dtype
 
 
-def restore_command(argv: list[str]) -> int:
-    from .faces.detect import load_detector
-    from .io.reader import STDIO
-    from .io.writer import EncodeOptions, check_output_target
-    from .pipeline import PipelineOptions, run_file
-    from .restore import auto_model_name, load_restorer
+def _import_heavy() -> None:
+    """Import the C/C++ extensions up front, with signals deferred (see interrupt.deferred);
+    later imports inside the run (e.g. kornia on the first face) would otherwise be cut."""
+    with interrupt.deferred():
+        import av  # noqa: F401
+        import cv2  # noqa: F401
+        import kornia.filters  # noqa: F401
+        import torch  # noqa: F401
 
-    args = _apply_config(build_parser(), argv)
-    if args.input != STDIO and args.output != STDIO and Path(args.output).exists() \
-            and Path(args.input).exists() and Path(args.output).resolve() == Path(args.input).resolve():
-        raise UsageError("output would overwrite the input; choose another output path")
-    if args.input != STDIO and not Path(args.input).exists() and "://" not in args.input:
-        from .errors import InputError
-        raise InputError(f"input not found: {args.input}")
-    check_output_target(args.output)
-    device, dtype = _device_and_dtype(args.device, args.precision)
-    model = auto_model_name() if args.model == "auto" else args.model
-    restorer = load_restorer(model, args.weights, device, dtype)
+        from . import pipeline  # noqa: F401
+
+
+def restore_command(argv: list[str]) -> int:
+    _import_heavy()
+    from .faces.detect import load_detector
+    from .pipeline import PipelineOptions, run_file
+    from .restore import load_restorer
+
+    args, origin = _parse_restore_args(argv)
+    checked = validate_restore_args(args, origin)
+    device, dtype, model = checked["device"], checked["dtype"], checked["model"]
+    _quiet_opencv()
+    # the detector first: it is small, so a missing detector file is reported before a big model loads
     detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
+    restorer = load_restorer(model, args.weights, device, dtype)
     reference_options = _reference_options(args, restorer, detector, device, dtype)
     _check_diffusion_options(args, restorer)
     options = PipelineOptions(
@@ -192,7 +380,7 @@ def restore_command(argv: list[str]) -> int:
         temporal_alpha=args.temporal_alpha, temporal_margin=args.temporal_margin, quiet=args.quiet,
         temporal_strength=args.temporal_strength, temporal_threshold=args.temporal_threshold,
         allow_damaged=args.ignore_damage, smooth_landmarks=args.smooth_landmarks, lookahead=args.lookahead,
-        encode=EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt),
+        encode=checked["encode"],
         steps=args.steps, fresh_noise=args.fresh_noise, bridge=args.bridge, strength=args.strength,
         keep_detail=args.keep_detail,
     )
@@ -255,6 +443,7 @@ def _reference_options(args, restorer, detector, device, dtype) -> dict:
 
 
 def models_command(argv: list[str]) -> int:
+    _import_heavy()
     from .models import all_model_configs, load_model_config
     from .restore import backend_entry_points
     from .weights import fetch_to, find_local, weights_dir
@@ -291,38 +480,75 @@ def models_command(argv: list[str]) -> int:
 
 
 def metrics_command(argv: list[str]) -> int:
+    _import_heavy()
     from .metrics import metrics_main
     return metrics_main(argv)
 
 
 def dataset_command(argv: list[str]) -> int:
+    _import_heavy()
     from .train.dataset import dataset_main
     return dataset_main(argv)
 
 
 def train_command(argv: list[str]) -> int:
+    _import_heavy()
     from .train.trainer import train_main
     return train_main(argv)
 
 
+def _quiet_opencv() -> None:
+    """OpenCV prints its own '[ WARN:0@...]' lines for things frvideo reports itself."""
+    try:
+        import cv2
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):
+        pass
+
+
+def one_line(message: str) -> str:
+    """A message as exactly one printable line (a value with a newline in it stays on it)."""
+    text = " ".join(str(message).splitlines()) or "?"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _remove_partials() -> None:
+    writer = sys.modules.get("frvideo.io.writer")
+    if writer is not None:
+        writer.remove_partials()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stderr is None:  # started with stderr closed: messages must not land in a stdout video
+        sys.stderr = open(os.devnull, "w")
+    interrupt.install()
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            commands = {"models": models_command, "metrics": metrics_command,
-                        "dataset": dataset_command, "train": train_command}
-            return commands[argv[0]](argv[1:])
-        return restore_command(argv)
-    except FrvideoError as exc:
-        print(f"frvideo: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("frvideo: interrupted; no output written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # the reader of our stdout went away (e.g. `| head`): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_INTERRUPTED
+        try:
+            with warnings.catch_warnings():
+                # library warnings (numpy, torch) are for developers; the user gets frvideo's lines
+                warnings.simplefilter("ignore")
+                if argv and argv[0] in SUBCOMMANDS:
+                    commands = {"models": models_command, "metrics": metrics_command,
+                                "dataset": dataset_command, "train": train_command}
+                    return commands[argv[0]](argv[1:])
+                return restore_command(argv)
+        except FrvideoError as exc:
+            _remove_partials()
+            print(f"frvideo: error: {one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+        except BrokenPipeError:
+            # the reader of our stdout went away (e.g. `| head`): nothing more to say
+            _remove_partials()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_INTERRUPTED
+    except (interrupt.Interrupted, KeyboardInterrupt) as exc:
+        _remove_partials()
+        interrupt.report(interrupt.message(exc))
+        return exc.exit_code if isinstance(exc, interrupt.Interrupted) else EXIT_INTERRUPTED
+    finally:
+        _remove_partials()
+        interrupt.uninstall()
 
 
 if __name__ == "__main__":

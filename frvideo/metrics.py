@@ -526,6 +526,9 @@ def metrics_main(argv: list[str]) -> int:
         if (ri.width, ri.height) != (oi.width, oi.height):
             raise UsageError(f"{args.ref} is {ri.width}x{ri.height} but {args.out} is {oi.width}x{oi.height}; "
                              f"metrics need videos of the same size")
+        if min(ri.width, ri.height) < _SSIM_WIN:
+            raise UsageError(f"{args.ref} is {ri.width}x{ri.height}; SSIM needs frames of at least "
+                             f"{_SSIM_WIN}x{_SSIM_WIN} pixels")
         if ri.frames and oi.frames and ri.frames != oi.frames:
             raise UsageError(f"{args.ref} has {ri.frames} frames but {args.out} has {oi.frames}; "
                              f"metrics need the same frame count")

@@ -41,11 +41,31 @@ class ModelConfig:
     priority: int = 0  # for --model/--detector auto: higher is preferred
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config or model card is a few lines; anything huge is a mistake
+
+
 def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise ConfigError(f"config {path} is not a regular file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is too large for a YAML file of options "
+                              f"({path.stat().st_size} bytes)")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if b"\0" in raw:
+        raise ConfigError(f"config {path} is a binary file, not YAML")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} is nested too deeply") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{path} is not valid YAML: {first}") from None

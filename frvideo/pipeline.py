@@ -357,6 +357,24 @@ class FacePipeline:
             live = {t.id for t in self.tracker.tracks}
             self.history = {k: v for k, v in self.history.items() if k in live}
             self.last_detected = {k: v for k, v in self.last_detected.items() if k in live}
+        self._forget_ended_tracks()
+
+    def _forget_ended_tracks(self) -> None:
+        """Drop the token/face-filter state of tracks the tracker has dropped. Without this it
+        piled up to the stores' 256-track caps (~2 MB a track with lite), so RSS grew by
+        hundreds of MB over a long video with many faces coming and going (bench/soak.py)."""
+        live = {t.id for t in self.tracker.tracks}
+        # faces still waiting (a batch, the look-ahead window) may belong to ended tracks: keep that many
+        keep = self.opts.batch_size + self.window_len
+        for store in (self.smoother, self.face_filter):
+            if store is None or len(store.tracks) <= len(live) + keep:
+                continue
+            ended = [tid for tid in store.tracks if tid not in live]  # oldest use first
+            for tid in ended[:len(ended) - keep]:
+                if hasattr(store, "_end"):
+                    store._end(tid)  # TokenSmoother: keeps the track's flip count for its statistics
+                else:
+                    store.tracks.pop(tid, None)
 
     @torch.inference_mode()
     def _restore(self, jobs: list[FaceJob]) -> None:

@@ -20,6 +20,7 @@ backend, architecture arguments and weight file.
 from __future__ import annotations
 
 import importlib
+import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -146,18 +147,63 @@ class Restorer:
 
 # -- checkpoints -------------------------------------------------------------------
 
-def read_checkpoint(path: Path, param_keys: list[str]) -> dict[str, torch.Tensor]:
-    """Load a .pth file and pick the state dict the way the official loaders do.
+def _check_zip_integrity(path: Path) -> None:
+    """A torch zip checkpoint carries a CRC-32 per entry that torch.load never checks: a flipped
+    byte in a tensor loads as a wrong weight. Check them (a second read of the file, at disk speed)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy pickle format has no checksums
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise WeightsError(f"weight file {path} is corrupt ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if bad is not None:
+        raise WeightsError(f"weight file {path} is corrupt: checksum mismatch in {bad}; "
+                           f"download or copy it again")
 
-    ``param_keys`` is tried in order (e.g. ['params_ema', 'params']); a file that
-    is itself a flat state dict is accepted as is.
-    """
+
+def reject_non_finite(obj: Any, path: Path | str, where: str = "") -> None:
+    """WeightsError if any floating-point tensor in a loaded checkpoint holds NaN or inf
+    (a corrupt file, or a training run that diverged): nothing is restored from such weights."""
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+            bad = int((~torch.isfinite(obj)).sum())
+            raise WeightsError(f"weight file {path} holds non-finite values ({bad} NaN/inf in {where or 'a tensor'}); "
+                               f"it is corrupt or from a diverged training run")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            reject_non_finite(value, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            reject_non_finite(value, path, f"{where}[{i}]")
+
+
+def load_checkpoint_file(path: Path | str) -> Any:
+    """torch.load (weights only: no pickle code runs) with the checks every checkpoint gets:
+    zip checksums, readable, and no NaN/inf in any tensor. Any failure is one WeightsError."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weight file not found: {path}")
+    if not path.is_file():
+        raise WeightsError(f"weight file {path} is not a regular file")
+    _check_zip_integrity(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weight file not found: {path}") from None
     except Exception as exc:  # corrupt zip, pickle error, truncated file
         raise WeightsError(f"cannot read weight file {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    reject_non_finite(ckpt, path)
+    return ckpt
+
+
+def read_checkpoint(path: Path, param_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Load a .pth file and pick the state dict the way the official loaders do.
+
+    ``param_keys`` is tried in order (e.g. ['params_ema', 'params']); a file that
+    is itself a flat state dict is accepted as is.
+    """
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{path} does not hold a state dict")
     for key in param_keys:

@@ -95,15 +95,29 @@ def find_local(config: ModelConfig) -> Optional[Path]:
     return None
 
 
+def check_weights_path(explicit: str | Path, option: str = "--weights") -> Path:
+    """A user's weight file: it must be a readable regular file (a FIFO would block torch.load)."""
+    path = Path(explicit).expanduser()
+    if not str(explicit).strip():
+        raise WeightsError(f"{option}: the file name is empty")
+    if not path.exists():
+        raise WeightsError(f"{option} {explicit}: file not found")
+    if not path.is_file():
+        raise WeightsError(f"{option} {explicit}: not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise WeightsError(f"{option} {explicit}: cannot read it ({exc.strerror or exc})") from None
+    return path
+
+
 def resolve(config: ModelConfig, explicit: Optional[str | Path] = None, download: bool = True) -> Optional[Path]:
     """Path of the weight file for ``config`` (None if the model needs none)."""
     if config.weights is None:
         return None
     if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"--weights {explicit}: file not found")
-        return path
+        return check_weights_path(explicit)
     local = find_local(config)
     if local is not None:
         return check_file(config, local)

@@ -91,7 +91,8 @@ def test_bad_config(tmp_path, capsys, frvideo_home):
 def test_bad_option_value(tmp_path, capsys, frvideo_home):
     src = make_clip(tmp_path / "a.mp4")
     fails([str(src), str(tmp_path / "o.mp4"), "--fidelity", "3"], capsys, EXIT_USAGE)
-    fails([str(src), str(tmp_path / "o.mp4"), "--model", "nosuchmodel", "-q"], capsys, EXIT_CONFIG)
+    # an unknown model is a usage mistake like any other bad value (it was 6, the config code)
+    fails([str(src), str(tmp_path / "o.mp4"), "--model", "nosuchmodel", "-q"], capsys, EXIT_USAGE)
 
 
 def test_missing_weights(tmp_path, capsys, frvideo_home):

@@ -11,7 +11,7 @@ import torch
 
 from clips import make_clip
 from conftest import FixedFaceDetector
-from frvideo.errors import EXIT_USAGE, EXIT_WEIGHTS, WeightsError
+from frvideo.errors import EXIT_USAGE, WeightsError
 from frvideo.models import load_model_config
 from frvideo.nn.texture import LatentRefinement, NeuralTextureAttention, feature_norm
 from frvideo.reference import KeyframeSelector, frontalness, keyframe_score
@@ -343,7 +343,8 @@ def test_cli_reference_options_errors(tmp_path, capsys, monkeypatch, frvideo_hom
         (["--model", "ented", "--reference-image", str(tmp_path / "nope.png")], 3, "reference image not found"),
         (["--model", "ented", "--reference-frame", "1", "--reference-image", str(blank)], EXIT_USAGE, "not both"),
         (["--model", "none", "--reference-frame", "1"], EXIT_USAGE, "reference-based models"),
-        (["--model", "ented", "--reference-restorer", "ented-paper"], EXIT_WEIGHTS, "ented-paper"),
+        # a reference-based restorer for the references is refused before any weights are looked for
+        (["--model", "ented", "--reference-restorer", "ented-paper"], EXIT_USAGE, "needs a reference itself"),
     ]
     for extra, code, text in cases:
         rc = main([str(clip), str(tmp_path / "o.mp4"), "-q", *extra])

@@ -29,6 +29,22 @@ def face_record(face: TrackedFace, restored: bool) -> dict:
             "score": round(float(face.score), 4), "bridged": bool(face.bridged), "restored": restored}
 
 
+def check_face_log_target(path: str, video_target: str) -> None:
+    """Fail before any work if the faces file cannot be written (or would overwrite the video)."""
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"--faces: {path} is a directory")
+    if target.exists() and not target.is_file():
+        raise OutputError(f"--faces: {path} exists and is not a regular file")
+    if video_target != "-" and target.resolve() == Path(video_target).resolve():
+        raise OutputError("--faces would overwrite the output video; give another file")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"--faces: folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"--faces: folder is not writable: {parent}")
+
+
 class FaceLogWriter:
     def __init__(self, path: str):
         self.path = Path(path)

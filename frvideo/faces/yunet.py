@@ -57,6 +57,9 @@ class YuNetDetector(FaceDetector):
         if rows is None or len(rows) == 0:
             return Detections.empty()
         rows = rows.astype(np.float32)
+        rows = rows[np.isfinite(rows).all(axis=1)]  # tiny frames (1x1) give NaN rows
+        if len(rows) == 0:
+            return Detections.empty()
         boxes = np.stack([rows[:, 0], rows[:, 1], rows[:, 0] + rows[:, 2], rows[:, 1] + rows[:, 3]], axis=1)
         boxes *= np.array([sx, sy, sx, sy], np.float32)
         landmarks = rows[:, 4:14].reshape(-1, 5, 2) * np.array([sx, sy], np.float32)

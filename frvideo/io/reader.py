@@ -6,6 +6,7 @@ pipeline does not touch can be encoded from exactly the decoded planes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Iterator, Optional
 
 import av
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 STDIO = "-"
 
@@ -44,6 +45,90 @@ def is_url(source: str) -> bool:
     return "://" in source and not os.path.exists(source)
 
 
+# Demuxers of raw frames: a stream of these that stops inside a frame loses it silently
+# (FFmpeg reports end of file), so the bytes left over are counted instead.
+RAW_FORMATS = {"yuv4mpegpipe", "rawvideo"}
+
+
+class _CountingReader:
+    """A read-only, unseekable file for FFmpeg over a pipe or FIFO that counts the bytes it
+    handed out, so a stream cut mid-frame can be told from one that ended on a frame."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.count = 0
+        self.eof = False
+        self.interrupted: Optional[BaseException] = None
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.raw.read(n)
+            self.count += len(data)
+            if not data:
+                self.eof = True
+            return data
+        except BaseException as exc:
+            # called from FFmpeg (C): a signal's exception raised here (the main thread blocked on an
+            # idle pipe while opening) would be swallowed there; keep it and re-raise it in Python
+            self.interrupted = exc
+            return b""
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def check_input_source(source: str) -> None:
+    """Fail before any work when the input cannot be read at all (one line, InputError/UsageError)."""
+    if source == STDIO:
+        if sys.stdin is None or not _fd_open(0):
+            raise InputError("stdin is closed; pipe a y4m stream into frvideo or give an input file")
+        if os.isatty(0):
+            raise UsageError("stdin is a terminal; pipe a y4m stream into it "
+                             "(ffmpeg -i IN -f yuv4mpegpipe - | frvideo - OUT) or give an input file")
+        return
+    if is_url(source):
+        return
+    if not source.strip():
+        raise InputError("the input name is empty")
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"input not found: {source}")
+    if path.is_dir():
+        raise InputError(f"input is a directory, not a video: {source}")
+    try:
+        with open(path, "rb") if path.is_file() else contextlib.nullcontext():
+            pass
+    except OSError as exc:
+        raise InputError(f"input is not readable ({exc.strerror or exc}): {source}") from None
+    if not os.access(path, os.R_OK):
+        raise InputError(f"input is not readable (permission denied): {source}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(f"input is empty: {source}")
+
+
+def probe_input(source: str) -> Optional[tuple[str, str]]:
+    """(codec, pixel format) of a regular input file's first video stream, read from its header
+    only (no frame is decoded); None for stdin, pipes and URLs. InputError if it is no video."""
+    if source == STDIO or is_url(source) or not Path(source).is_file():
+        return None
+    try:
+        with av.open(source, mode="r") as c:
+            if not c.streams.video:
+                raise InputError(f"{source} has no video stream")
+            cc = c.streams.video[0].codec_context
+            return cc.name, (cc.format.name if cc.format is not None else "yuv420p")
+    except av.error.FFmpegError as exc:
+        raise InputError(f"cannot open {source} as a video ({exc.strerror or type(exc).__name__})") from None
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
 def _bit_depth(pix_fmt: str) -> int:
     try:
         return max(c.bits for c in av.VideoFormat(pix_fmt).components)
@@ -57,7 +142,8 @@ class VideoReader:
     def __init__(self, source: str, allow_damaged: bool = False):
         self.source = source
         self.allow_damaged = allow_damaged
-        self.container = _open_input(source)
+        self.counter: Optional[_CountingReader] = None  # pipes and FIFOs: bytes read so far
+        self.container = self._open()
         if not self.container.streams.video:
             self.container.close()
             raise InputError(f"{_name(source)} has no video stream")
@@ -74,11 +160,51 @@ class VideoReader:
             self.container.close()
             raise InputError(f"{_name(self.source)}: the video stream has no decodable frames") from None
 
+    def _open(self):
+        if self.source == STDIO or (not is_url(self.source) and Path(self.source).exists()
+                                    and not Path(self.source).is_file() and not Path(self.source).is_dir()):
+            check_input_source(self.source)
+            raw = sys.stdin.buffer if self.source == STDIO else open(self.source, "rb")
+            self.counter = _CountingReader(raw)
+            try:
+                container = av.open(self.counter, mode="r", format="yuv4mpegpipe" if self.source == STDIO else None)
+            except av.error.FFmpegError as exc:
+                if self.counter.interrupted is not None:
+                    raise self.counter.interrupted from None
+                if self.source == STDIO:
+                    raise InputError(f"stdin is not a y4m stream ({exc.strerror}); "
+                                     f"pipe one with: ffmpeg -i IN -f yuv4mpegpipe -") from None
+                raise InputError(f"cannot open {self.source} as a video ({exc.strerror or type(exc).__name__})") \
+                    from None
+            if self.counter.interrupted is not None:
+                container.close()
+                raise self.counter.interrupted
+            return container
+        return _open_input(self.source)
+
+    def _leftover_bytes(self, end_of_last_frame: Optional[int]) -> int:
+        """Bytes after the last whole frame of a raw stream (a frame cut short), 0 if none."""
+        if end_of_last_frame is None or self.container.format.name not in RAW_FORMATS:
+            return 0
+        if self.counter is not None:
+            if not self.counter.eof:
+                return 0
+            total = self.counter.count
+        else:
+            try:
+                total = os.path.getsize(self.source)
+            except OSError:
+                return 0
+        return max(0, total - end_of_last_frame)
+
     def _decode(self) -> Iterator[av.VideoFrame]:
         index = 0
         damage = None
+        frame_end: Optional[int] = None  # byte offset after the last whole packet (raw streams)
         try:
             for packet in self.container.demux(self.stream):
+                if packet.size and packet.pos is not None and packet.pos >= 0:
+                    frame_end = packet.pos + packet.size
                 for frame in packet.decode():
                     if frame.pts is None:  # raw/y4m streams: frame index in 1/rate units
                         frame.pts = index
@@ -88,7 +214,16 @@ class VideoReader:
             if index == 0:
                 raise InputError(f"{_name(self.source)} is not a readable video ({exc.strerror or exc})") from None
             damage = f"decoding failed after frame {index} ({exc.strerror or exc})"
+        failed = self.counter.interrupted if self.counter is not None else None
+        if failed is not None:  # the pipe itself failed (or a signal came while opening)
+            if isinstance(failed, OSError):
+                raise InputError(f"reading {_name(self.source)} failed after frame {index} "
+                                 f"({failed.strerror or failed})")
+            raise failed
         declared = self.stream.frames or 0
+        leftover = self._leftover_bytes(frame_end) if damage is None else 0
+        if leftover:
+            damage = f"the stream ends inside frame {index + 1} ({leftover} bytes of a cut frame)"
         if damage is None and declared and index < declared:
             damage = f"only {index} of its {declared} frames could be decoded (truncated?)"
         if damage is not None:
@@ -123,6 +258,9 @@ class VideoReader:
 
     def close(self) -> None:
         self.container.close()
+        if self.counter is not None and self.source != STDIO:
+            with contextlib.suppress(OSError):
+                self.counter.close()
 
     def __enter__(self):
         return self
@@ -136,22 +274,9 @@ def _name(source: str) -> str:
 
 
 def _open_input(source: str):
-    if source == STDIO:
-        try:
-            return av.open(sys.stdin.buffer, mode="r", format="yuv4mpegpipe")
-        except av.error.FFmpegError as exc:
-            raise InputError(f"stdin is not a y4m stream ({exc.strerror}); "
-                             f"pipe one with: ffmpeg -i IN -f yuv4mpegpipe -") from None
+    """A regular file or a URL (stdin and FIFOs go through a _CountingReader, see VideoReader._open)."""
     if not is_url(source):
-        path = Path(source)
-        if not path.exists():
-            raise InputError(f"input not found: {source}")
-        if path.is_dir():
-            raise InputError(f"input is a directory, not a video: {source}")
-        if not os.access(path, os.R_OK):
-            raise InputError(f"input is not readable (permission denied): {source}")
-        if path.stat().st_size == 0:
-            raise InputError(f"input is empty: {source}")
+        check_input_source(source)
     try:
         return av.open(source, mode="r")
     except av.error.FFmpegError as exc:

@@ -5,10 +5,19 @@ subtitles, data) is copied packet for packet by a second demuxer over the same
 input, advanced in step with the video so the muxer can interleave without
 buffering whole streams. A file target is written to a temporary file beside
 it and renamed only on success, so no half file is ever left.
+
+The temporary file is ``.NAME.partial-PID.EXT``, locked (flock) for as long as
+its process lives. A run killed with SIGKILL (or by a power cut) cannot remove
+its own: the next run into the same folder removes every partial file whose
+lock is free and whose PID is gone (see ``remove_stale_partials``).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -17,8 +26,14 @@ from typing import Optional
 
 import av
 
-from ..errors import OutputError
+from .. import interrupt
+from ..errors import OutputError, UsageError
 from .reader import STDIO, VideoInfo, is_url
+
+try:
+    import fcntl  # POSIX: the lock that tells a live run's partial file from a dead one's
+except ImportError:  # pragma: no cover - Windows: the PID check alone
+    fcntl = None
 
 # Encoder that follows each input codec ("same kind out as in").
 FOLLOW_INPUT = {
@@ -32,6 +47,13 @@ DEFAULT_PRESET = {"libx264": "medium", "libx265": "medium", "libsvtav1": "8"}
 CONTAINER_FALLBACK = {".webm": "libvpx-vp9", ".y4m": "rawvideo", ".mkv": "libx264", ".mp4": "libx264",
                       ".mov": "libx264", ".avi": "libx264"}
 KNOWN_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".y4m", ".nut", ".ts"}
+# The muxer of each extension (to ask what it can hold without creating a file).
+MUXER = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi",
+         ".y4m": "yuv4mpegpipe", ".nut": "nut", ".ts": "mpegts"}
+# CRF ranges the encoders document (FFmpeg's own option bounds are wider or absent).
+CRF_RANGE = {"libx264": (0, 51), "libx264rgb": (0, 51), "libx265": (0, 51), "libvpx-vp9": (0, 63),
+             "libvpx": (4, 63), "libsvtav1": (0, 63), "libaom-av1": (0, 63)}
+PARTIAL_NAME = re.compile(r"^\..+\.partial-(?P<pid>\d+)\.[A-Za-z0-9]+$")
 
 
 @dataclass
@@ -45,11 +67,22 @@ class EncodeOptions:
 
 def check_output_target(target: str) -> None:
     """Fail before any work if the output cannot be written."""
-    if target == STDIO or is_url(target):
+    if target == STDIO:
+        if sys.stdout is None or not _fd_open(1):
+            raise OutputError("stdout is closed; give an output file or redirect stdout")
+        if os.isatty(1):
+            raise OutputError("refusing to write video to a terminal; redirect stdout (| or >) or give an output file")
         return
+    if is_url(target):
+        return
+    if not target.strip():
+        raise OutputError("the output name is empty")
     path = Path(target)
     if path.is_dir():
         raise OutputError(f"output is a directory: {target}")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"output exists and is not a regular file (a pipe or device): {target}; "
+                          f"use - to write y4m to stdout")
     if path.suffix.lower() not in KNOWN_EXTENSIONS:
         raise OutputError(f"cannot tell the container from {path.name!r}; "
                           f"use one of {', '.join(sorted(KNOWN_EXTENSIONS))}")
@@ -62,14 +95,37 @@ def check_output_target(target: str) -> None:
         raise OutputError(f"output file exists and is not writable: {target}")
 
 
-def _choose_codec(info: VideoInfo, opts: EncodeOptions, ext: str, supported: set) -> str:
-    if opts.codec:
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class EncodeOptionError(UsageError):
+    """A bad --codec/--crf/--preset/--pix-fmt (``option`` names it, without the dashes)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def _choose_codec(input_codec: str, opts: EncodeOptions, ext: str, supported: set) -> str:
+    if opts.codec is not None:
         try:
-            av.codec.Codec(opts.codec, "w")
+            codec = av.codec.Codec(opts.codec, "w")
         except Exception:
-            raise OutputError(f"unknown video encoder {opts.codec!r} (try libx264, libx265, prores_ks, ffv1)") from None
+            raise EncodeOptionError("codec", f"unknown video encoder {opts.codec!r} "
+                                             f"(try libx264, libx265, prores_ks, ffv1)") from None
+        if codec.type != "video":
+            raise EncodeOptionError("codec", f"{opts.codec!r} is an {codec.type} encoder, not a video encoder")
+        if ext == ".y4m" and codec.name != "rawvideo":
+            raise EncodeOptionError("codec", f"a y4m output holds raw video only, not {opts.codec}")
+        if ext not in (".y4m", ".nut") and supported and codec.name not in supported:
+            raise EncodeOptionError("codec", f"the {ext} container cannot hold {opts.codec} video")
         return opts.codec
-    wanted = FOLLOW_INPUT.get(info.codec)
+    wanted = FOLLOW_INPUT.get(input_codec)
     if ext == ".y4m":
         return "rawvideo"
     if wanted and wanted in supported:
@@ -77,19 +133,25 @@ def _choose_codec(info: VideoInfo, opts: EncodeOptions, ext: str, supported: set
     return CONTAINER_FALLBACK.get(ext, "libx264")
 
 
-def _choose_pix_fmt(codec_name: str, info: VideoInfo, opts: EncodeOptions) -> str:
+def _choose_pix_fmt(codec_name: str, info: VideoInfo, opts: EncodeOptions, warn: bool = True) -> str:
     formats = [f.name for f in (av.codec.Codec(codec_name, "w").video_formats or [])]
-    if opts.pix_fmt:
+    if opts.pix_fmt is not None:
+        try:
+            av.VideoFormat(opts.pix_fmt)
+        except (ValueError, TypeError):
+            raise EncodeOptionError("pix_fmt", f"unknown pixel format {opts.pix_fmt!r} (e.g. yuv420p, yuv444p, "
+                                               f"yuv420p10le)") from None
         if formats and opts.pix_fmt not in formats:
-            raise OutputError(f"{codec_name} cannot encode pixel format {opts.pix_fmt} "
-                              f"(it takes: {', '.join(formats)})")
+            raise EncodeOptionError("pix_fmt", f"{codec_name} cannot encode pixel format {opts.pix_fmt} "
+                                               f"(it takes: {', '.join(formats)})")
         return opts.pix_fmt
     if codec_name in ("libx264", "libx265") and (info.width % 2 or info.height % 2) \
             and not info.pix_fmt.startswith(("yuv444", "gbr", "gray")):
         # x264/x265 reject odd sizes in subsampled chroma; 4:4:4 keeps every pixel and the bit depth
         full = "yuv444p10le" if info.bit_depth > 8 else "yuv444p"
-        print(f"frvideo: warning: odd frame size {info.width}x{info.height}: {codec_name} needs even sizes "
-              f"for {info.pix_fmt}, encoding {full}", file=sys.stderr)
+        if warn:
+            print(f"frvideo: warning: odd frame size {info.width}x{info.height}: {codec_name} needs even sizes "
+                  f"for {info.pix_fmt}, encoding {full}", file=sys.stderr)
         return full
     if not formats or info.pix_fmt in formats:
         return info.pix_fmt
@@ -97,6 +159,163 @@ def _choose_pix_fmt(codec_name: str, info: VideoInfo, opts: EncodeOptions) -> st
     depth_matches = [f for f in formats if max(c.bits for c in av.VideoFormat(f).components) == info.bit_depth]
     preferred = [f for f in depth_matches if f.startswith("yuv420p")] or depth_matches
     return preferred[0] if preferred else formats[0]
+
+
+def encoder_options(codec: str, opts: EncodeOptions) -> dict[str, str]:
+    """The options dict handed to the encoder: crf/preset (given or the codec's default) and extras."""
+    options = {}
+    crf = opts.crf if opts.crf is not None else DEFAULT_CRF.get(codec)
+    if crf is not None:
+        options["crf"] = format(crf, "g")
+        if codec == "libvpx-vp9":
+            options["b"] = "0"
+    preset = opts.preset if opts.preset is not None else DEFAULT_PRESET.get(codec)
+    if preset is not None:
+        options["preset"] = str(preset)
+    options.update({k: str(v) for k, v in opts.extra.items()})
+    return options
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Encoders such as x264 print their own complaints straight to fd 2; the user gets our one line."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def container_codecs(ext: str) -> set:
+    """The encoders the muxer of ``ext`` accepts (asked of an in-memory muxer: no file is made)."""
+    try:
+        with av.open(io.BytesIO(), "w", format=MUXER.get(ext, "matroska")) as probe:
+            return set(probe.supported_codecs)
+    except (av.error.FFmpegError, ValueError):
+        return set()
+
+
+def check_encode_options(target: str, opts: EncodeOptions, input_codec: str = "",
+                         input_pix_fmt: str = "yuv420p") -> str:
+    """Check --codec/--crf/--preset/--pix-fmt by opening the encoder they describe on a small
+    test size, before any model loads or frame is read. Returns the encoder's name; raises
+    EncodeOptionError naming the bad option.
+
+    ``input_codec`` is the input's codec (the encoder follows it when --codec is not given), or
+    empty when not known yet (stdin, URL): then the container's default encoder is checked.
+    """
+    for name in ("codec", "preset", "pix_fmt"):
+        value = getattr(opts, name)
+        if value is not None and not str(value).strip():
+            raise EncodeOptionError(name, "must not be empty")
+    if opts.crf is not None and not math.isfinite(opts.crf):
+        raise EncodeOptionError("crf", f"must be a finite number, not {opts.crf}")
+    ext = Path(target).suffix.lower() if target != STDIO and not is_url(target) else ".y4m"
+    codec = _choose_codec(input_codec, opts, ext, container_codecs(ext))
+    info = VideoInfo(width=64, height=64, pix_fmt=input_pix_fmt, codec=input_codec, time_base=Fraction(1, 25),
+                     average_rate=Fraction(25), frames=0, duration_s=None, color_range=0, colorspace=2,
+                     color_primaries=2, color_trc=2, rotation=0, bit_depth=8, sample_aspect_ratio=None,
+                     copy_streams=0)
+    pix_fmt = _choose_pix_fmt(codec, info, opts, warn=False)
+    if opts.crf is not None and codec in CRF_RANGE:
+        low, high = CRF_RANGE[codec]
+        if not low <= opts.crf <= high:
+            raise EncodeOptionError("crf", f"{codec} takes a crf in [{low}, {high}], not {format(opts.crf, 'g')}")
+    options = encoder_options(codec, opts)
+    cc = av.CodecContext.create(codec, "w")
+    cc.width, cc.height, cc.pix_fmt = info.width, info.height, pix_fmt
+    cc.time_base, cc.framerate = Fraction(1, 25), Fraction(25)
+    cc.options = dict(options)
+    try:
+        with _stderr_silenced():
+            cc.open()
+    except (av.error.FFmpegError, ValueError, OverflowError, OSError) as exc:
+        bad = "preset" if opts.preset is not None and "preset" in str(exc) else \
+            "crf" if opts.crf is not None and "crf" in str(exc) else "codec"
+        what = {"preset": f"preset {opts.preset!r}", "crf": f"crf {format(opts.crf, 'g') if opts.crf is not None else ''}",
+                "codec": "these settings"}[bad]
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise EncodeOptionError(bad, f"{codec} does not accept {what} ({reason})") from None
+    finally:
+        with contextlib.suppress(Exception):
+            cc.close()
+    if opts.codec is not None:  # settings the chosen encoder does not have (a follow-input one just skips them)
+        for name in ("crf", "preset"):
+            if getattr(opts, name) is not None and name in (cc.options or {}):
+                raise EncodeOptionError(name, f"{codec} has no {name} setting")
+    return codec
+
+
+# -- partial files ------------------------------------------------------------------
+
+_LIVE_PARTIALS: set[Path] = set()  # this process's partial files: removed by any way out
+
+
+def remove_partials() -> None:
+    """Remove this process's partial files (called on every way out, and by a second signal)."""
+    for path in list(_LIVE_PARTIALS):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        _LIVE_PARTIALS.discard(path)
+
+
+interrupt.on_emergency(remove_partials)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a number no process has: kept, to be safe)
+    return True
+
+
+def _lock_free(path: Path) -> bool:
+    """True when no process holds the partial file's lock (its writer is gone)."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the partial files in ``folder`` left by runs that died without cleaning up (SIGKILL,
+    power cut): those whose lock is free and whose PID is not a live process. Returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = PARTIAL_NAME.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group("pid"))
+        path = Path(entry.path)
+        if pid == os.getpid() or path in _LIVE_PARTIALS or _pid_alive(pid) or not _lock_free(path):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 class _PacketCopier:
@@ -149,6 +368,7 @@ class VideoWriter:
         self.info = info
         self.ext = Path(target).suffix.lower() if target != STDIO else ".y4m"
         self.tmp_path: Optional[Path] = None
+        self._lock_fd: Optional[int] = None
         self.out = self._open_container()
         try:
             self._setup(opts, copy_from)
@@ -163,23 +383,37 @@ class VideoWriter:
             if is_url(self.target):
                 return av.open(self.target, mode="w")
             path = Path(self.target)
+            remove_stale_partials(path.parent if str(path.parent) else Path("."))
             self.tmp_path = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+            self._lock_fd = self._create_locked(self.tmp_path)
             fmt = {".y4m": "yuv4mpegpipe", ".m4v": "mp4"}.get(self.ext)
             return av.open(str(self.tmp_path), mode="w", format=fmt)
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             self._remove_tmp()
             raise OutputError(f"cannot write {self.target}: {exc}") from None
 
+    @staticmethod
+    def _create_locked(path: Path) -> Optional[int]:
+        """Create the partial file, registered for removal, and hold its lock for this process's life."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        _LIVE_PARTIALS.add(path)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a file system without flock: the PID check alone tells live from dead
+        return fd
+
     def _setup(self, opts: EncodeOptions, copy_from: Optional[str]) -> None:
         info = self.info
-        codec = _choose_codec(info, opts, self.ext, self.out.supported_codecs)
+        codec = _choose_codec(info.codec, opts, self.ext, self.out.supported_codecs)
         self.pix_fmt = _choose_pix_fmt(codec, info, opts)
         # y4m carries no timestamps: frames are numbered at the nominal rate
         self.numbered = self.ext == ".y4m"
         rate = info.average_rate or Fraction(25)
         try:
             stream = self.out.add_stream(codec, rate=rate)
-        except (ValueError, av.error.FFmpegError) as exc:
+        except (ValueError, TypeError, av.error.FFmpegError) as exc:
             raise OutputError(f"the {self.ext} container cannot hold {codec} video ({exc})") from None
         cc = stream.codec_context
         cc.width, cc.height, cc.pix_fmt = info.width, info.height, self.pix_fmt
@@ -189,17 +423,7 @@ class VideoWriter:
             cc.sample_aspect_ratio = info.sample_aspect_ratio
         cc.color_range, cc.colorspace = info.color_range, info.colorspace
         cc.color_primaries, cc.color_trc = info.color_primaries, info.color_trc
-        options = {}
-        crf = opts.crf if opts.crf is not None else DEFAULT_CRF.get(codec)
-        if crf is not None:
-            options["crf"] = str(crf)
-            if codec == "libvpx-vp9":
-                options["b"] = "0"
-        preset = opts.preset or DEFAULT_PRESET.get(codec)
-        if preset is not None:
-            options["preset"] = str(preset)
-        options.update({k: str(v) for k, v in opts.extra.items()})
-        cc.options = options
+        cc.options = encoder_options(codec, opts)
         if info.rotation and self.ext in {".mp4", ".mov", ".m4v", ".mkv"}:
             stream.set_display_rotation(float(info.rotation))
         self.stream = stream
@@ -211,7 +435,7 @@ class VideoWriter:
     def write(self, frame: av.VideoFrame) -> None:
         if frame.format.name != self.pix_fmt:
             src = frame
-            frame = frame.reformat(format=self.pix_fmt)
+            frame = frame.reformat(format=self.pix_fmt, threads=1)  # no swscale thread pool per frame
             frame.pts, frame.time_base = src.pts, src.time_base
         if self.numbered:
             frame.pts = self.count
@@ -244,8 +468,14 @@ class VideoWriter:
             self.abort()
             raise OutputError(f"writing {self.target} failed: {exc}") from None
         if self.tmp_path is not None:
-            os.replace(self.tmp_path, self.target)
+            try:
+                os.replace(self.tmp_path, self.target)
+            except OSError as exc:
+                self.abort()
+                raise OutputError(f"cannot publish {self.target}: {exc.strerror or exc}") from None
+            _LIVE_PARTIALS.discard(self.tmp_path)
             self.tmp_path = None
+            self._release_lock()
 
     def abort(self) -> None:
         """Drop everything written so far."""
@@ -259,11 +489,17 @@ class VideoWriter:
 
     def _remove_tmp(self) -> None:
         if self.tmp_path is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.tmp_path.unlink()
-            except FileNotFoundError:
-                pass
+            _LIVE_PARTIALS.discard(self.tmp_path)
             self.tmp_path = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def open_writer(target: str, info: VideoInfo, opts: EncodeOptions, copy_from: Optional[str] = None) -> VideoWriter:

@@ -176,6 +176,8 @@ class VGGFeatures(nn.Module):
             raise WeightsError(f"VGG weight file not found: {path}") from None
         except Exception as exc:
             raise WeightsError(f"cannot read VGG weight file {path}: {type(exc).__name__}") from None
+        from ..restore import reject_non_finite
+        reject_non_finite(state, path)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         state = {k.replace("vgg_net.", "").replace("module.", ""): v for k, v in state.items()}

@@ -686,6 +686,8 @@ def restore_run_state(trainer, path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    from ..restore import reject_non_finite
+    reject_non_finite(ck, path)  # a run that diverged (or a corrupt file) is not resumed
     if ck.get("stage") != trainer.stage or ck.get("arch") != trainer.arch:
         raise ConfigError(f"{path} is from another run (stage/arch differ); use another output or --fresh")
     trainer.net.load_state_dict(ck["params"])
@@ -1096,7 +1098,8 @@ def export_weights(checkpoint: str | Path, out: str | Path, half: bool = True) -
     ck_path = Path(checkpoint)
     if not ck_path.is_file():
         raise InputError(f"no checkpoint at {ck_path} (train first)")
-    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    from ..restore import load_checkpoint_file
+    ck = load_checkpoint_file(ck_path)
     state = ck["params_ema"]
     if half:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
