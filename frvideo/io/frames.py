@@ -38,8 +38,9 @@ def to_rgb(frame: av.VideoFrame) -> np.ndarray:
         return frame.to_ndarray()
     matrix, rng = matrix_and_range(frame)
     fmt = "rgb48le" if high_bit_depth(frame) else "rgb24"
+    # threads=1: a frame otherwise keeps a swscale thread pool of its own for as long as it lives
     return frame.reformat(format=fmt, src_colorspace=matrix, src_color_range=rng,
-                          dst_colorspace=matrix, dst_color_range=ColorRange.JPEG).to_ndarray()
+                          dst_colorspace=matrix, dst_color_range=ColorRange.JPEG, threads=1).to_ndarray()
 
 
 def to_rgb8(rgb: np.ndarray) -> np.ndarray:
@@ -75,7 +76,7 @@ def from_rgb(original: av.VideoFrame, rgb: np.ndarray, rois: Iterable[tuple[int,
     src_fmt = "rgb48le" if rgb.dtype == np.uint16 else "rgb24"
     converted = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format=src_fmt).reformat(
         format=original.format.name, src_colorspace=matrix, src_color_range=ColorRange.JPEG,
-        dst_colorspace=matrix, dst_color_range=rng)
+        dst_colorspace=matrix, dst_color_range=rng, threads=1)
     if _roi_copy_supported(original.format):
         out = av.VideoFrame(original.width, original.height, original.format.name)
         for p in range(len(original.planes)):
