@@ -39,6 +39,7 @@ _lookahead = number(int, 0, 250)
 _pixels = number(int, 0, 16384)
 _steps = number(int, 0, 10000)
 _any_number = number(float)
+_threads = number(int, 1, 256)
 
 
 def _strength(text: str):
@@ -81,7 +82,11 @@ def build_parser() -> _Parser:
                         "for comparisons)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: fp16 on GPU, fp32 on CPU")
+                   help="auto: bf16 (else fp16) on a GPU; on a CPU bf16 only where it has bf16 units "
+                        "(avx512_bf16/AMX, Arm bf16), else fp32")
+    g.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="compute threads for torch, OpenCV and each codec (default: half the usable cores, "
+                        "1..8: decode, detection, restoration and encoding run side by side)")
     g.add_argument("--batch-size", type=_batch, default=4, help="faces per model call (default 4)")
     g = p.add_argument_group("faces")
     g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet, embedded (built in)")
@@ -340,16 +345,37 @@ def _device_and_dtype(device: str, precision: str):
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise UsageError(f"unknown --device {device!r} (auto, cpu, cuda, cuda:N)")
     if precision == "auto":
-        precision = "fp16" if device.startswith("cuda") else "fp32"
+        precision = auto_precision(device)
     if precision == "fp16" and device == "cpu":
         raise UsageError("--precision fp16 needs a GPU; on CPU use fp32 or bf16")
+    if precision == "bf16" and device == "cpu":
+        from .hardware import native_bf16_cpu
+        if not native_bf16_cpu():
+            print("frvideo: warning: this CPU has no bf16 units (no avx512_bf16/amx_bf16), so bf16 is emulated "
+                  "and many times slower than fp32 (measured on such a CPU: one batch of 4 CodeFormer faces "
+                  "took over 580 CPU-s, a whole fp32 run of the clip 190-240); --precision auto picks fp32 here",
+                  file=sys.stderr)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return device, dtype
+
+
+def auto_precision(device: str) -> str:
+    """--precision auto: bf16 on a GPU that has it (else fp16); on a CPU bf16 only with native
+    bf16 units (frvideo.hardware), else fp32."""
+    import torch
+
+    from .hardware import native_bf16_cpu
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_bf16_cpu() else "fp32"
 
 
 def _import_heavy() -> None:
     """Import the C/C++ extensions up front, with signals deferred (see interrupt.deferred);
     later imports inside the run (e.g. kornia on the first face) would otherwise be cut."""
+    # OpenMP threads that wait for work sleep instead of spinning: on a machine other jobs keep
+    # busy a spinning torch thread burns a core for nothing (must be set before torch loads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with interrupt.deferred():
         import av  # noqa: F401
         import cv2  # noqa: F401
@@ -360,14 +386,17 @@ def _import_heavy() -> None:
 
 
 def restore_command(argv: list[str]) -> int:
+    args, origin = _parse_restore_args(argv)  # first: --help, --version and usage errors need no torch
     _import_heavy()
     from .faces.detect import load_detector
     from .pipeline import PipelineOptions, run_file
     from .restore import load_restorer
 
-    args, origin = _parse_restore_args(argv)
     checked = validate_restore_args(args, origin)
     device, dtype, model = checked["device"], checked["dtype"], checked["model"]
+    from .hardware import apply_threads, default_threads
+    threads = args.threads or default_threads()
+    apply_threads(threads)
     _quiet_opencv()
     # the detector first: it is small, so a missing detector file is reported before a big model loads
     detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
@@ -389,7 +418,7 @@ def restore_command(argv: list[str]) -> int:
     note = f"{model}/{detector.name} on {device}"
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
-              f"({str(dtype).replace('torch.', '')})", file=sys.stderr)
+              f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
     stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
     if not args.quiet:
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "

@@ -173,3 +173,41 @@ def test_shipped_presets_parse(preset):
     from frvideo.cli import _apply_config, build_parser
     args = _apply_config(build_parser(), ["in.mp4", "out.mp4", "--config", preset])
     assert args.config == preset
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch, capsys):
+    # the capability probe decides: bf16 only on a CPU with bf16 units
+    import torch
+
+    from frvideo import cli, hardware
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: True)
+    assert cli.auto_precision("cpu") == "bf16"
+    assert cli._device_and_dtype("cpu", "auto")[1] == torch.bfloat16
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: False)
+    assert cli.auto_precision("cpu") == "fp32"
+    assert cli._device_and_dtype("cpu", "auto")[1] == torch.float32
+    assert capsys.readouterr().err == ""
+    # asked for by name on such a CPU: it runs, with one warning that says what it costs
+    assert cli._device_and_dtype("cpu", "bf16")[1] == torch.bfloat16
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no bf16 units" in err[0] and "slower than fp32" in err[0]
+
+
+def test_cpu_flags_probe(monkeypatch):
+    from frvideo import hardware
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not hardware.native_bf16_cpu()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert hardware.native_bf16_cpu()
+    assert 1 <= hardware.default_threads() <= 8
+
+
+def test_help_and_version_do_not_load_torch():
+    import subprocess
+    import sys
+    code = ("import sys; from frvideo.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr

@@ -149,6 +149,9 @@ class VideoReader:
             raise InputError(f"{_name(source)} has no video stream")
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"  # frame threading: decode runs beside the model
+        from . import codec_threads
+        if codec_threads():
+            self.stream.codec_context.thread_count = codec_threads()
         self._first = self._decode_first()
         self.info = self._make_info()
 

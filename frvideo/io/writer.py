@@ -424,6 +424,9 @@ class VideoWriter:
         cc.color_range, cc.colorspace = info.color_range, info.colorspace
         cc.color_primaries, cc.color_trc = info.color_primaries, info.color_trc
         cc.options = encoder_options(codec, opts)
+        from . import codec_threads
+        if codec_threads():
+            cc.thread_count = codec_threads()
         if info.rotation and self.ext in {".mp4", ".mov", ".m4v", ".mkv"}:
             stream.set_display_rotation(float(info.rotation))
         self.stream = stream
