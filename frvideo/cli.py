@@ -424,6 +424,10 @@ def restore_command(argv: list[str]) -> int:
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
               f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
               f"{stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
+        if stats.stage_seconds:
+            total = sum(stats.stage_seconds.values()) or 1.0
+            print("frvideo: main-thread time: " + ", ".join(
+                f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
     return EXIT_OK

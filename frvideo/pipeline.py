@@ -123,6 +123,12 @@ class RunStats:
     strength_sum: float = 0.0  # of the faces restored (mean = strength_sum / faces)
     seconds: float = 0.0
     references: list[str] = field(default_factory=list)  # reference-based backends: keyframe per track
+    # wall seconds of the main thread per stage (detect = colour conversion, scene cut, detector,
+    # tracker; align; model; filter = temporal face filter; blend; paste = back into the frame)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str):
+        return _StageTimer(self.stage_seconds, stage)
 
     @property
     def mean_strength(self) -> float:
@@ -131,6 +137,17 @@ class RunStats:
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds else 0.0
+
+
+class _StageTimer:
+    def __init__(self, into: dict, stage: str):
+        self.into, self.stage = into, stage
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.into[self.stage] = self.into.get(self.stage, 0.0) + time.perf_counter() - self.t
 
 
 # -- threads ----------------------------------------------------------------------
@@ -392,6 +409,18 @@ class FacePipeline:
             ctx.references = torch.cat([j.reference.tensor for j in jobs])
             ctx.reference_ids = [j.reference.ref_id for j in jobs]
         new_track = [j.face.new_track for j in jobs]
+        with self.stats.timed("model"):
+            out = self._run_model(faces, ctx, new_track)
+        out = out.float().clamp(-1, 1)  # as the official scripts clamp
+        faces = faces.float()
+        if self.face_filter is not None:
+            with self.stats.timed("filter"):
+                out = self.face_filter(out, ctx.track_ids, new_track, inputs=faces)
+        with self.stats.timed("blend"):
+            self._blend(jobs, faces, out)
+
+    def _run_model(self, faces: torch.Tensor, ctx: RestoreContext, new_track: list[bool]) -> torch.Tensor:
+        r = self.restorer
         if r.has_codebook:
             encoded = r.encode(faces, ctx)
             if self.smoother is not None:
@@ -401,10 +430,9 @@ class FacePipeline:
             out = r.decode(encoded, tokens, ctx)
         else:
             out = r.restore(faces, ctx)
-        out = out.float().clamp(-1, 1)  # as the official scripts clamp
-        faces = faces.float()
-        if self.face_filter is not None:
-            out = self.face_filter(out, ctx.track_ids, new_track, inputs=faces)
+        return out
+
+    def _blend(self, jobs: list[FaceJob], faces: torch.Tensor, out: torch.Tensor) -> None:
         masks = torch.from_numpy(np.stack([j.mask for j in jobs]))[:, None].to(out.device)
         change, strength, _ = self.blend(faces, out, masks)
         # a change under half a step of the frame's samples changes nothing: skip the paste
@@ -441,7 +469,8 @@ class FacePipeline:
             nonlocal waiting
             while window and (flush or len(window) > self.window_len):
                 p = window.popleft()
-                self._align(p, list(window))
+                with self.stats.timed("align"):
+                    self._align(p, list(window))
                 pending.append(p)
                 waiting.extend(p.jobs)
                 if len(waiting) >= self.opts.batch_size:
@@ -451,13 +480,16 @@ class FacePipeline:
                 self._restore(waiting)
                 waiting = []
             while pending and pending[0].ready:
-                yield self._finish(pending.popleft())
+                with self.stats.timed("paste"):
+                    out = self._finish(pending.popleft())
+                yield out
                 self.stats.frames += 1
                 if on_frame:
                     on_frame(self.stats.faces)
 
         for index, frame in enumerate(frames):
-            window.append(self._detect(index, frame))
+            with self.stats.timed("detect"):
+                window.append(self._detect(index, frame))
             yield from advance(flush=False)
         yield from advance(flush=True)
         self.stats.seconds = time.perf_counter() - start
