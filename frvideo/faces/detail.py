@@ -17,7 +17,8 @@ A restorer is trusted only as far as it helps. For each face, in the aligned cro
    maps it onto the input (searched per face), a faithful restoration looks like the
    input up to its noise; where it does not (a changed eye shape, an invented blotch,
    lost teeth or glasses rims), the change is let through only in proportion
-   ``exp(-(r / t)^2)``, r the local rms disagreement, t = ``consistency_threshold``
+   ``exp(-(r / t)^2)``, r the local disagreement (the blurred signed difference, so
+   noise and compression error average out and a structure does not), t = ``consistency_threshold``
    widened by the input's noise. This is what keeps a weak or wrong model from moving
    a face away from its person: only what agrees with the evidence reaches the video.
 4. **Strength** per face: how degraded the input looks (sharpness, the fine-band
@@ -62,11 +63,11 @@ class BlendSettings:
     # ... or from the noise level (grey levels), whichever asks for more
     noise_lo: float = 2.5
     noise_hi: float = 6.0
-    # consistency: rms disagreement (0-1 units) of the blurred restoration with the input at
+    # consistency: local disagreement (0-1 units, blurred signed error) of the matched restoration at
     # which its change is let through at 1/e; widened by noise_allowance x the input's noise
     consistency: bool = True
-    consistency_threshold: float = 0.02
-    noise_allowance: float = 1.5
+    consistency_threshold: float = 0.01
+    noise_allowance: float = 0.3
 
 
 # blurs (pixels at half the crop size) tried when matching a restoration to its input
@@ -189,7 +190,10 @@ class FaceBlend:
         errs = torch.stack([((_gauss(lo, s) - lx) ** 2 * m).sum((1, 2, 3)) for s in MATCH_SIGMAS], 1)
         best = errs.argmin(1).tolist()
         matched = torch.cat([_gauss(lo[i:i + 1], MATCH_SIGMAS[b]) for i, b in enumerate(best)])
-        r = _gauss(((matched - lx) ** 2).mean(1, keepdim=True), 1.5).sqrt()
+        # the disagreement is blurred *signed*: noise and compression error (what even a perfect
+        # restoration disagrees with the input by) average out over the window, an invented or
+        # moved structure does not
+        r = _gauss(matched - lx, 1.5).abs().mean(1, keepdim=True)
         t = torch.sqrt(self.s.consistency_threshold ** 2 + (self.s.noise_allowance * noise) ** 2)
         w = torch.exp(-(r / t[:, None, None, None]) ** 2)
         return F.interpolate(w, size=x.shape[-2:], mode="bilinear", align_corners=False)
