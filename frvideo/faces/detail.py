@@ -71,7 +71,7 @@ class BlendSettings:
 
 
 # blurs (pixels at half the crop size) tried when matching a restoration to its input
-MATCH_SIGMAS = (0.0, 0.375, 0.75, 1.125, 1.5, 2.25, 3.0)
+MATCH_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.25, 3.0, 4.5, 6.0)
 
 
 def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
