@@ -28,6 +28,7 @@ goals (PSNR >= input - 0.2 dB, identity <= input + 0.03; clean: PSNR >= 38 dB).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -141,6 +142,17 @@ class Scorer:
         return res
 
 
+def other_face(all_clips, number: int, size: int, detector) -> np.ndarray:
+    """A clean aligned face of another person: the largest face of frame 12 of the eval clip half
+    the list away (so no clip meets itself)."""
+    from frvideo.faces.align import warp_faces
+    frames, _ = read_clip(all_clips[(number + len(all_clips) // 2) % len(all_clips)], 13)
+    img = frames[-1]
+    d = detector.detect(img)
+    big = int(np.argmax(d.boxes[:, 2] - d.boxes[:, 0]))
+    return warp_faces(img, similarity_transforms(d.landmarks[big][None], size), size)[0]
+
+
 def run_model(restorer, detector, frames, fps, opts):
     restored: list[list] = []
     pipe = FacePipeline(restorer, detector, opts, fps,
@@ -169,6 +181,9 @@ def main() -> None:
     ap.add_argument("--no-keep-detail", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--panels", help="folder for input | output | clean face panels (first clip frame 12)")
+    ap.add_argument("--ented-references", action="store_true",
+                    help="with ented: also rows with another identity's face as every track's reference "
+                         "(a clean face of another eval clip) and with no reference (a flat grey face)")
     args = ap.parse_args()
 
     import torch
@@ -203,8 +218,17 @@ def main() -> None:
                 preset = "ld-bfr-mild" if family == "mild" else "vqfr"
                 degraded = Degradation(preset, seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps)
             results = {"input": scorer(degraded), "classical": scorer(classical(degraded, boxes))}
-            for name, r in restorers.items():
-                out, restored, s_face, stats = run_model(r, detector, degraded, fps, opts)
+            runs = [(name, r, opts) for name, r in restorers.items()]
+            if args.ented_references and "ented" in restorers:
+                size = restorers["ented"].input_size
+                runs += [("ented, other identity", restorers["ented"],
+                          dataclasses.replace(opts, reference=other_face(all_clips, number, size, truth),
+                                              reference_label="another identity")),
+                         ("ented, no reference", restorers["ented"],
+                          dataclasses.replace(opts, reference=np.full((size, size, 3), 128, np.uint8),
+                                              reference_label="flat grey"))]
+            for name, r, run_opts in runs:
+                out, restored, s_face, stats = run_model(r, detector, degraded, fps, run_opts)
                 results[name] = {**scorer(out, restored), "s_face": s_face,
                                  "strength": stats.mean_strength, "bridged": stats.frames_bridged}
                 if args.panels and family != "clean" or args.panels and name != "none":
