@@ -16,7 +16,7 @@ from . import __version__, interrupt
 from .argtypes import number
 from .errors import (EXIT_INTERRUPTED, EXIT_OK, ConfigError, FrvideoError, UsageError)
 
-SUBCOMMANDS = ("models", "metrics", "dataset", "train")
+SUBCOMMANDS = ("models", "metrics", "dataset", "train", "batch")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +71,13 @@ def build_parser() -> _Parser:
     p.add_argument("input", help="input video file, URL, or - for a y4m stream on stdin")
     p.add_argument("output", help="output file (container from the extension), or - for y4m on stdout")
     p.add_argument("--version", action="version", version=f"frvideo {__version__}")
+    add_restore_options(p)
+    return p
+
+
+def add_restore_options(p: argparse.ArgumentParser) -> None:
+    """The restoration options (model, faces, blend, temporal, reference, encoding, run): the same
+    for one file (``frvideo IN OUT``) and for every file of ``frvideo batch``."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto", help="restoration model (default auto: best with weights installed)")
     g.add_argument("--weights", help="weight file for --model (overrides $FRVIDEO_HOME/weights)")
@@ -144,7 +151,6 @@ def build_parser() -> _Parser:
     g.add_argument("--ignore-damage", action="store_true",
                    help="restore the readable part of a truncated or damaged input instead of stopping")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    return p
 
 
 NOT_IN_CONFIG = ("input", "output", "config", "help", "version")
@@ -189,31 +195,33 @@ def _config_value(action: argparse.Action, key: str, value, source: str):
     return converted
 
 
-def _explicit_dests(argv: list[str]) -> set[str]:
+def _explicit_dests(argv: list[str], make_parser=build_parser) -> set[str]:
     """The options the command line itself sets (a --config value only fills in the others)."""
-    parser = build_parser()
+    parser = make_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
 
 
-def _parse_restore_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+def _parse_restore_args(argv: list[str], make_parser=build_parser,
+                        not_in_config=NOT_IN_CONFIG) -> tuple[argparse.Namespace, dict[str, str]]:
     """The parsed options and, for each option a --config file set, 'FILE: key' (so a value the
-    file got wrong is reported against the file, exit 6, not as a command-line mistake)."""
+    file got wrong is reported against the file, exit 6, not as a command-line mistake).
+    ``make_parser``: another parser holding the restore options (``frvideo batch``)."""
     from .models import load_preset
 
-    parser = build_parser()
+    parser = make_parser()
     first, _ = parser.parse_known_args(argv)
     origin: dict[str, str] = {}
     if first.config is not None:
         if not first.config.strip():
             raise UsageError("--config: the file name is empty")
         values = load_preset(first.config)
-        explicit = _explicit_dests(argv)
+        explicit = _explicit_dests(argv, make_parser)
         actions = {a.dest: a for a in parser._actions}
         for key, value in values.items():
             dest = str(key).replace("-", "_")
-            if not isinstance(key, str) or dest not in actions or dest in NOT_IN_CONFIG:
+            if not isinstance(key, str) or dest not in actions or dest in not_in_config:
                 raise ConfigError(f"{first.config}: unknown option {key!r}")
             parser.set_defaults(**{dest: _config_value(actions[dest], str(key), value, first.config)})
             if dest not in explicit:
@@ -385,11 +393,20 @@ def _import_heavy() -> None:
         from . import pipeline  # noqa: F401
 
 
-def restore_command(argv: list[str]) -> int:
-    args, origin = _parse_restore_args(argv)  # first: --help, --version and usage errors need no torch
-    _import_heavy()
+class RestoreSetup:
+    """What one restore run needs, from checked options: the loaded detector and restorer and the
+    PipelineOptions (shared by ``frvideo IN OUT`` and every job of ``frvideo batch``)."""
+
+    def __init__(self, model, device, dtype, threads, detector, restorer, options):
+        self.model, self.device, self.dtype, self.threads = model, device, dtype, threads
+        self.detector, self.restorer, self.options = detector, restorer, options
+
+
+def prepare_restore(args: argparse.Namespace, origin: dict[str, str], loaded: dict | None = None) -> RestoreSetup:
+    """Check every option, set the threads, load the detector and restorer (from ``loaded``, a
+    cache kept by a caller that runs many files with the same models) and build the options."""
     from .faces.detect import load_detector
-    from .pipeline import PipelineOptions, run_file
+    from .pipeline import PipelineOptions
     from .restore import load_restorer
 
     checked = validate_restore_args(args, origin)
@@ -398,9 +415,16 @@ def restore_command(argv: list[str]) -> int:
     threads = args.threads or default_threads()
     apply_threads(threads)
     _quiet_opencv()
+    loaded = {} if loaded is None else loaded
     # the detector first: it is small, so a missing detector file is reported before a big model loads
-    detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
-    restorer = load_restorer(model, args.weights, device, dtype)
+    key = ("detector", args.detector, args.detector_weights, device, args.detect_size)
+    if key not in loaded:
+        loaded[key] = load_detector(args.detector, args.detector_weights, device, args.detect_size)
+    detector = loaded[key]
+    key = ("restorer", model, args.weights, device, dtype)
+    if key not in loaded:
+        loaded[key] = load_restorer(model, args.weights, device, dtype)
+    restorer = loaded[key]
     reference_options = _reference_options(args, restorer, detector, device, dtype)
     _check_diffusion_options(args, restorer)
     options = PipelineOptions(
@@ -415,6 +439,17 @@ def restore_command(argv: list[str]) -> int:
     )
     for key, value in reference_options.items():
         setattr(options, key, value)
+    return RestoreSetup(model, device, dtype, threads, detector, restorer, options)
+
+
+def restore_command(argv: list[str]) -> int:
+    args, origin = _parse_restore_args(argv)  # first: --help, --version and usage errors need no torch
+    _import_heavy()
+    from .pipeline import run_file
+
+    setup = prepare_restore(args, origin)
+    model, device, dtype, threads = setup.model, setup.device, setup.dtype, setup.threads
+    detector, restorer, options = setup.detector, setup.restorer, setup.options
     note = f"{model}/{detector.name} on {device}"
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
@@ -530,6 +565,13 @@ def train_command(argv: list[str]) -> int:
     return train_main(argv)
 
 
+# -- frvideo batch (frvideo/batch/): many files, journal, resume, provenance, report, Ray ---------
+
+def batch_command(argv: list[str]) -> int:
+    from .batch.command import batch_main  # parses first: --help and usage errors need no torch
+    return batch_main(argv)
+
+
 def _quiet_opencv() -> None:
     """OpenCV prints its own '[ WARN:0@...]' lines for things frvideo reports itself."""
     try:
@@ -563,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("ignore")
                 if argv and argv[0] in SUBCOMMANDS:
                     commands = {"models": models_command, "metrics": metrics_command,
-                                "dataset": dataset_command, "train": train_command}
+                                "dataset": dataset_command, "train": train_command,
+                                "batch": batch_command}
                     return commands[argv[0]](argv[1:])
                 return restore_command(argv)
         except FrvideoError as exc:

@@ -12,6 +12,7 @@ EXIT_INPUT = 3
 EXIT_OUTPUT = 4
 EXIT_WEIGHTS = 5
 EXIT_CONFIG = 6
+EXIT_BATCH_FAILED = 7  # frvideo batch: at least one file failed (the others are done; see --status)
 EXIT_INTERRUPTED = 130
 
 

@@ -513,17 +513,66 @@ def draw_faces(rgb: np.ndarray, faces: list[TrackedFace]) -> None:
                     cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thick, color, thick, cv2.LINE_AA)
 
 
+@dataclass
+class FrameSpan:
+    """The part of a file one run restores (``frvideo batch`` cuts long files into segments at
+    keyframes). Frames with ``start_pts <= pts < end_pts`` (end None: to the end) are encoded.
+    The frames from ``warm_pts`` up to ``start_pts`` and ``tail`` frames after ``end_pts`` go
+    through the pipeline too, their output dropped: the temporal state (tracks, token and face
+    filters) is warmed up on the frames just before the segment, and its last frames get their
+    look-ahead, so a segment joins the next without a seam and a resumed run equals a whole one.
+    Decoding starts at the keyframe at ``seek_pts`` (``seek_frame`` frames into the stream)."""
+    start_pts: Optional[int]  # None: from the first frame
+    end_pts: Optional[int]
+    warm_pts: Optional[int]
+    seek_pts: int
+    seek_frame: int
+    tail: int
+    fed_pts: list = field(default_factory=list)  # pts of each frame handed to the pipeline, in order
+
+    def frames(self, reader) -> Iterator[av.VideoFrame]:
+        after = 0
+        for frame in reader:
+            if self.warm_pts is not None and frame.pts < self.warm_pts:
+                continue  # decoded from the keyframe before the warm-up: not needed
+            if self.end_pts is not None and frame.pts >= self.end_pts:
+                if after >= self.tail:
+                    return
+                after += 1
+            self.fed_pts.append(frame.pts)
+            yield frame
+
+    def keeps(self, frame: av.VideoFrame) -> bool:
+        return (self.start_pts is None or frame.pts >= self.start_pts) and \
+            (self.end_pts is None or frame.pts < self.end_pts)
+
+
 def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetector, options: PipelineOptions,
-             model_note: str = "", faces_log: Optional[str] = None) -> RunStats:
+             model_note: str = "", faces_log: Optional[str] = None, span: Optional[FrameSpan] = None,
+             on_faces: Optional[Callable[[int, list[TrackedFace], list[TrackedFace]], None]] = None) -> RunStats:
     """Whole job: open, stream every frame through, publish the output (and the ``faces_log``
-    JSON lines, see faces/facelog.py) atomically."""
+    JSON lines, see faces/facelog.py) atomically. With ``span`` only that part of the file is
+    written, video only (the batch runner joins the segments and copies the other streams);
+    ``on_faces`` sees every frame's faces as the face log does (its index: the frame's place in
+    what the pipeline was fed)."""
     from .faces.facelog import FaceLogWriter
 
     reader = open_reader(source, options.allow_damaged)
-    copy_from = source if source != STDIO and not is_url(source) else None
-    writer = open_writer(target, reader.info, options.encode, copy_from=copy_from)
+    frames = reader
+    if span is not None:
+        if span.seek_frame:
+            reader.seek(span.seek_pts, span.seek_frame)
+        frames = span.frames(reader)
+    copy_from = source if source != STDIO and not is_url(source) and span is None else None
+    try:
+        writer = open_writer(target, reader.info, options.encode, copy_from=copy_from)
+    except BaseException:
+        reader.close()
+        raise
     log = FaceLogWriter(faces_log) if faces_log else None
-    pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25), on_faces=log)
+    callbacks = [c for c in (log, on_faces) if c is not None]
+    pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25),
+                            on_faces=(lambda *a: [c(*a) for c in callbacks]) if callbacks else None)
     stop = threading.Event()
     total = reader.info.frames or None
     bar = tqdm(total=total, unit="frame", disable=options.quiet or target == STDIO and not sys.stderr.isatty(),
@@ -540,8 +589,9 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
                 bar.set_postfix(faces=faces, refresh=False)
                 last[0] = now
 
-        for out_frame in pipeline.process(_threaded(reader, stop), progress):
-            encoder.put(out_frame)
+        for out_frame in pipeline.process(_threaded(frames, stop), progress):
+            if span is None or span.keeps(out_frame):
+                encoder.put(out_frame)
         encoder.close()
         writer.finish()
         if log is not None:

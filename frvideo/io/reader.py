@@ -147,13 +147,37 @@ class VideoReader:
         if not self.container.streams.video:
             self.container.close()
             raise InputError(f"{_name(source)} has no video stream")
+        self._setup_stream()
+        self._first = self._decode_first()
+        self.info = self._make_info()
+
+    def _setup_stream(self) -> None:
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"  # frame threading: decode runs beside the model
         from . import codec_threads
         if codec_threads():
             self.stream.codec_context.thread_count = codec_threads()
-        self._first = self._decode_first()
-        self.info = self._make_info()
+
+    def seek(self, pts: int, frame_index: int) -> None:
+        """Decode from the keyframe at or before ``pts`` (``frame_index`` frames into the stream)
+        instead of from the start (``frvideo batch`` runs long files in segments). Where the
+        container cannot seek there (the first frame after the seek is later than ``pts``),
+        decoding starts again from the first frame, so no frame is lost either way."""
+        if self._first is None:
+            raise RuntimeError("seek before iterating")
+        first = None
+        try:
+            self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
+            self._frames = self._decode(frame_index)
+            first = next(self._frames, None)
+        except (av.error.FFmpegError, InputError):
+            first = None
+        if first is None or first.pts is None or first.pts > pts:
+            self.container.close()
+            self.container = self._open()
+            self._setup_stream()
+            first = self._decode_first()
+        self._first = first
 
     def _decode_first(self):
         self._frames = self._decode()
@@ -200,8 +224,8 @@ class VideoReader:
                 return 0
         return max(0, total - end_of_last_frame)
 
-    def _decode(self) -> Iterator[av.VideoFrame]:
-        index = 0
+    def _decode(self, start_index: int = 0) -> Iterator[av.VideoFrame]:
+        index = start_index  # frames before the point decoding starts from (see seek)
         damage = None
         frame_end: Optional[int] = None  # byte offset after the last whole packet (raw streams)
         try:
@@ -214,7 +238,7 @@ class VideoReader:
                     index += 1
                     yield frame
         except av.error.FFmpegError as exc:
-            if index == 0:
+            if index == start_index:
                 raise InputError(f"{_name(self.source)} is not a readable video ({exc.strerror or exc})") from None
             damage = f"decoding failed after frame {index} ({exc.strerror or exc})"
         failed = self.counter.interrupted if self.counter is not None else None
