@@ -26,8 +26,8 @@ from typing import Optional
 
 from ..errors import EXIT_BATCH_FAILED, EXIT_OK, FrvideoError, InputError, UsageError
 from .journal import Journal
-from .provenance import (face_thumbnail, model_identity, provenance_record, sha256_file, sidecar_path,
-                         write_framemd5, write_sidecar)
+from .provenance import (face_thumbnail, provenance_record, sha256_file, sidecar_path, write_framemd5,
+                         write_sidecar)
 from .segments import join_segments, plan_segments, run_segment
 
 # Options that change how fast a file is restored, not what comes out: left out of the settings hash.
@@ -202,7 +202,6 @@ def _ray_segment(task: dict):
     (None, {"error": one line})."""
     import tempfile
 
-    from .. import interrupt  # noqa: F401  (imports the writer's clean-up hooks)
     try:
         with tempfile.TemporaryDirectory(prefix="frvideo-segment-") as tmp:
             local = dict(task, target=str(Path(tmp) / Path(task["target"]).name))
@@ -366,7 +365,8 @@ class BatchRun:
             job.key, task["index"], state="done", file=target.name, size=size, sha256=digest,
             frames=result["frames"], faces=result["faces"], frames_with_faces=result["frames_with_faces"],
             tracks=result["tracks"], largest=json.dumps(result["largest"]), refs=json.dumps(result["references"]),
-            seconds=result["seconds"], run=self.run_id, worker=result["worker"])
+            seconds=result["seconds"], run=self.run_id, worker=result["worker"],
+            device=f"{result['device']} {result['precision']}, {result['threads']} threads")
         if job.state != "running":
             return  # a late segment of a job already given up: kept for a later resume
         job.pending.discard(task["index"])

@@ -96,7 +96,8 @@ def provenance_record(*, source: Path, source_size: int, source_sha256: str, out
         "tracks": sum(s["tracks"] or 0 for s in segments),
         "references": [line for s in segments for line in json.loads(s["refs"] or "[]")],
         "segments": [{"index": s["idx"], "start_pts": s["start_pts"], "end_pts": s["end_pts"],
-                      "frames": s["frames"], "faces": s["faces"], "seconds": s["seconds"], "worker": s["worker"]}
+                      "frames": s["frames"], "faces": s["faces"], "seconds": s["seconds"], "worker": s["worker"],
+                      "device": s["device"]}
                      for s in segments],
         "engine": engine,
         "started": _iso(started), "finished": _iso(finished),
