@@ -22,7 +22,8 @@ p.sub { color: #666; margin: 0 0 16px; }
 table { border-collapse: collapse; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: 6px 8px; text-align: left; vertical-align: middle; }
 th { background: #f4f4f4; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.when { white-space: nowrap; font-size: 12px; color: #444; }
 .state { font-weight: 600; padding: 2px 8px; border-radius: 10px; color: #fff; }
 .done { background: #2e7d32; } .failed { background: #c62828; } .running, .interrupted { background: #ef6c00; }
 .pending { background: #757575; }
@@ -70,7 +71,7 @@ def write_report(journal, out_dir: Path) -> Path:
             f'<td class="num">{job["frames"] if job["frames"] is not None else ""}</td>'
             f'<td class="num">{job["faces"] if job["faces"] is not None else ""}</td>'
             f'<td class="num">{seconds}</td>'
-            f'<td>{_when(job["started"])}<br>{_when(job["finished"])}</td>'
+            f'<td class="when">{_when(job["started"])}<br>{_when(job["finished"])}</td>'
             f'<td class="thumb">{_thumb(out_dir, job["thumb"]) if state == "done" else ""}'
             f'{"<div class=err>" + html.escape(job["error"] or "") + "</div>" if state != "done" else ""}</td>'
             "</tr>")
