@@ -172,6 +172,13 @@ def test_rerun_skips_done_work(clips, reference, capsys):
     assert after["broken.mkv"]["tries"] == tries["broken.mkv"] + 1
 
 
+def test_retries_then_failed(clips, env, tmp_path):
+    out = tmp_path / "out"
+    assert batch([str(clips / "broken.mp4"), "--out", str(out), *ARGS, "--retries", "2"]) == 7
+    row = jobs(out)["broken.mp4"]
+    assert (row["state"], row["tries"]) == ("failed", 3) and "broken.mp4 as a video" in row["error"]
+
+
 def test_report_has_a_row_per_file_with_thumbnails(reference):
     page = (reference["out"] / "report.html").read_text()
     assert page.count("<tr>") == 5  # header + 4 files

@@ -290,6 +290,7 @@ class BatchRun:
     def _start(self, job: Job) -> None:
         """Skip, or (re)start a job: hash, plan (or take the journal's plan), submit what is missing."""
         job.attempts += 1
+        job.attempt_id = None
         row = self.journal.job(job.key)
         try:
             if job.error is not None:
@@ -399,17 +400,15 @@ class BatchRun:
         self._failed(job, error, attempt_closed=True)
 
     def _failed(self, job: Job, error: str, attempt_closed: bool = False) -> None:
-        if job.attempt_id is not None and not attempt_closed:
+        if job.attempt_id is None:  # failed before the try was recorded (an unreadable input): count it
+            row = self.journal.job(job.key)
+            self.journal.upsert_job(job.key, input=str(job.input), tries=(row["tries"] if row is not None else 0) + 1)
+        elif not attempt_closed:
             self.journal.finish_attempt(job.attempt_id, "failed", error)
         if job.attempts <= self.opts.retries and not attempt_closed:
             self.say(job, f"failed ({error}); trying again ({job.attempts + 1} of {self.opts.retries + 1})")
             self._start(job)
             return
-        row = self.journal.job(job.key)
-        if row is None:
-            self.journal.upsert_job(job.key, input=str(job.input), tries=job.attempts)
-        elif job.attempt_id is None:  # failed before an attempt was recorded (unreadable input)
-            self.journal.upsert_job(job.key, tries=(row["tries"] or 0) + job.attempts)
         self.journal.upsert_job(job.key, state="failed", error=error, finished=time.time(), run=self.run_id)
         job.state = "failed"
         self.counts["failed"] += 1

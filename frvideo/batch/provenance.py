@@ -164,13 +164,23 @@ def _frame_at(path: Path, seconds: float, rgb: bool = True) -> Optional[np.ndarr
         return best.to_ndarray(format="rgb24") if best is not None else None
 
 
+def _first_time(path: Path) -> float:
+    with av.open(str(path)) as c:
+        for frame in c.decode(c.streams.video[0]):
+            if frame.time is not None:
+                return float(frame.time)
+    return 0.0
+
+
 def face_thumbnail(source: Path, output: Path, largest: dict, time_base, target: Path, size: int = 160) -> bool:
     """Before | after of the largest restored face, one PNG (``target``). False if not found."""
     import cv2
 
     seconds = float(largest["pts"] * time_base)
     before = _frame_at(source, seconds)
-    after = _frame_at(output, seconds)
+    # a container may start all streams later than the source did (Matroska shifts them by the
+    # AAC priming delay): the same frame is at the same offset from the first one
+    after = _frame_at(output, seconds + _first_time(output) - _first_time(source))
     if before is None or after is None or before.shape != after.shape:
         return False
     x1, y1, x2, y2 = largest["box"]
