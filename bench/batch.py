@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--model", default="lite")
     ap.add_argument("--detector", default="yunet")
-    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kills", type=int, default=20, help="0: timings only")
     ap.add_argument("--kill-max-s", type=float, default=12.0, help="kills come 1..this many seconds after a start")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-ray", action="store_true")
@@ -146,6 +146,13 @@ def main() -> None:
               flush=True)
 
     # 4. kill -9 at random moments, start again each time, then finish
+    result["overhead_local_vs_plain"] = result["local_s"] / result["plain_s"] - 1
+    if "ray_s" in result:
+        result["ray_vs_local_time"] = result["ray_s"] / result["local_s"]
+    if args.kills == 0:
+        (args.out / "batch.json").write_text(json.dumps(result, indent=2, default=str))
+        print(json.dumps({k: v for k, v in result.items() if k != "ray_vs_local"}, indent=2, default=str))
+        return
     kill_dir = args.out / "killed"
     argv = [sys.executable, "-m", "frvideo", "batch", *batch_argv(clips, kill_dir, args)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -181,9 +188,6 @@ def main() -> None:
     result["leftover_partials"] = leftovers
     print(f"{result['killed_runs']} kills: {result['frames_lost']} frames lost, {result['frames_duplicated']} "
           f"duplicated, {result['frames_not_bit_exact']} not bit-exact, {len(leftovers)} partial files left", flush=True)
-    result["overhead_local_vs_plain"] = result["local_s"] / result["plain_s"] - 1
-    if "ray_s" in result:
-        result["ray_vs_local_time"] = result["ray_s"] / result["local_s"]
     (args.out / "batch.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k not in ("kills", "after_kills", "ray_vs_local")},
                      indent=2, default=str))
