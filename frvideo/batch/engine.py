@@ -65,7 +65,8 @@ class Job:
     attempts: int = 0
     attempt_id: Optional[int] = None
     pending: set = field(default_factory=set)
-    state: str = "pending"
+    state: str = "pending"  # this run: queued (segments submitted), running (one began), done, failed, skipped
+    begun: bool = False
     started: float = 0.0
 
 
@@ -99,6 +100,7 @@ class LocalExecutor:
     def __init__(self):
         self.queue: deque = deque()
         self.loaded: dict = {}
+        self.before = lambda task: None  # called as a task starts (the batch counts the file's try then)
 
     def submit(self, task: dict, front: bool = False) -> None:
         (self.queue.appendleft if front else self.queue.append)(task)
@@ -109,6 +111,7 @@ class LocalExecutor:
     def results(self):
         while self.queue:
             task = self.queue.popleft()
+            self.before(task)
             try:
                 yield task, run_segment(task, self.loaded), None
             except Exception as exc:  # one file's failure (or a bug it hits) must not end the batch
@@ -148,8 +151,10 @@ class RayExecutor:
             num_cpus=threads, num_gpus=1 if gpus >= 1 and device != "cpu" else 0, max_retries=0)
         self.threads = threads
         self.inflight: dict = {}
+        self.before = lambda task: None
 
     def submit(self, task: dict, front: bool = False) -> None:
+        self.before(task)  # in the cluster's queue from now on
         # a task uses the CPUs it reserved (not half of its node's, the local default)
         remote_task = dict(task, settings=dict(task["settings"], threads=task["settings"].get("threads") or self.threads))
         self.inflight[self.remote.remote(remote_task)] = task
@@ -233,6 +238,7 @@ class BatchRun:
 
     def run(self, executor) -> int:
         self.executor = executor
+        executor.before = lambda task: self._begin(self.by_key[task["key"]])
         self.run_id = self.journal.start_run(executor.name, self.argv)
         code = None
         try:
@@ -291,6 +297,7 @@ class BatchRun:
         """Skip, or (re)start a job: hash, plan (or take the journal's plan), submit what is missing."""
         job.attempts += 1
         job.attempt_id = None
+        job.begun = False
         row = self.journal.job(job.key)
         try:
             if job.error is not None:
@@ -307,14 +314,11 @@ class BatchRun:
                 for f in self.journal.reset_job(job.key):
                     with contextlib.suppress(OSError):
                         (self.segment_dir(job) / f).unlink()
-            job.started = time.time()
-            job.state = "running"
+            job.state = "queued"
             self.journal.upsert_job(
                 job.key, input=str(job.input), input_size=size, input_mtime_ns=mtime, input_sha256=input_sha,
                 settings_sha256=job.settings_sha256, settings=json.dumps(job.settings, sort_keys=True),
-                state="running", tries=(row["tries"] if row is not None else 0) + 1, error=None,
-                started=job.started, finished=None, engine=self.executor.name, run=self.run_id)
-            job.attempt_id = self.journal.start_attempt(job.key, self.run_id, job.attempts)
+                state="pending", tries=row["tries"] if row is not None else 0)
             segments = self.journal.segments(job.key)
             if not segments:
                 tail = max(job.settings["lookahead"], job.settings["bridge"])
@@ -337,11 +341,25 @@ class BatchRun:
             if done_before:
                 self.say(job, f"resuming: {done_before} of {len(segments)} segments done before")
             if not job.pending:
+                self._begin(job)
                 self._finish(job)
         except FrvideoError as exc:
             self._failed(job, _message(exc))
         except OSError as exc:
             self._failed(job, _message(InputError(f"{exc.strerror or exc}: {exc.filename or job.input}")))
+
+    def _begin(self, job: Job) -> None:
+        """The file's first task of this try starts: a try is counted (a file a killed run never
+        got to is not)."""
+        if job.begun or job.state not in ("queued", "running"):
+            return
+        job.begun = True
+        job.state = "running"
+        job.started = time.time()
+        row = self.journal.job(job.key)
+        self.journal.upsert_job(job.key, state="running", tries=(row["tries"] or 0) + 1, error=None,
+                                started=job.started, finished=None, engine=self.executor.name, run=self.run_id)
+        job.attempt_id = self.journal.start_attempt(job.key, self.run_id, job.attempts)
 
     def _segment_intact(self, folder: Path, seg) -> bool:
         path = folder / (seg["file"] or "")
@@ -366,9 +384,9 @@ class BatchRun:
             job.key, task["index"], state="done", file=target.name, size=size, sha256=digest,
             frames=result["frames"], faces=result["faces"], frames_with_faces=result["frames_with_faces"],
             tracks=result["tracks"], largest=json.dumps(result["largest"]), refs=json.dumps(result["references"]),
-            seconds=result["seconds"], run=self.run_id, worker=result["worker"],
+            seconds=result["seconds"], finished=time.time(), run=self.run_id, worker=result["worker"],
             device=f"{result['device']} {result['precision']}, {result['threads']} threads")
-        if job.state != "running":
+        if job.state not in ("queued", "running"):
             return  # a late segment of a job already given up: kept for a later resume
         job.pending.discard(task["index"])
         total = len(self.journal.segments(job.key))
@@ -384,7 +402,7 @@ class BatchRun:
                 self._failed(job, _message(exc))
 
     def _segment_failed(self, job: Job, task: dict, error: str) -> None:
-        if job.state != "running":
+        if job.state not in ("queued", "running"):
             return
         self.journal.finish_attempt(job.attempt_id, "failed", error)
         if job.attempts <= self.opts.retries:
@@ -432,10 +450,13 @@ class BatchRun:
         row = self.journal.job(job.key)
         seconds = sum(s["seconds"] or 0 for s in segments) + time.perf_counter() - t0
         finished = time.time()
+        # when the work began: the first segment's start (a job is queued long before on a busy batch)
+        began = min((s["finished"] - s["seconds"] for s in segments if s["finished"] and s["seconds"]),
+                    default=row["started"] or job.started)
         record = provenance_record(
             source=job.input, source_size=row["input_size"], source_sha256=row["input_sha256"], output=job.output,
             output_sha256=output_sha, models=job.models, settings=job.settings,
-            batch_options=self.opts.for_provenance(), segments=segments, started=row["started"] or job.started,
+            batch_options=self.opts.for_provenance(), segments=segments, started=began,
             finished=finished, seconds=seconds, engine=self.executor.name, framemd5=md5_path)
         write_sidecar(job.output, record)
         thumb = None
@@ -449,8 +470,8 @@ class BatchRun:
         st = job.output.stat()
         self.journal.upsert_job(
             job.key, state="done", error=None, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns,
-            output_sha256=output_sha, frames=record["frames"]["output"], faces=record["faces"], finished=finished,
-            seconds=seconds, thumb=thumb)
+            output_sha256=output_sha, frames=record["frames"]["output"], faces=record["faces"], started=began,
+            finished=finished, seconds=seconds, thumb=thumb)
         self.journal.finish_attempt(job.attempt_id, "done")
         shutil.rmtree(folder, ignore_errors=True)  # the output holds them now
         job.state = "done"

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS segments (
     state TEXT NOT NULL DEFAULT 'pending',
     file TEXT, size INTEGER, sha256 TEXT,
     frames INTEGER, faces INTEGER, frames_with_faces INTEGER, tracks INTEGER,
-    largest TEXT, refs TEXT, seconds REAL, run INTEGER, worker TEXT, device TEXT,
+    largest TEXT, refs TEXT, seconds REAL, finished REAL, run INTEGER, worker TEXT, device TEXT,
     PRIMARY KEY (output, idx)
 );
 CREATE TABLE IF NOT EXISTS attempts (
