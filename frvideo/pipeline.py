@@ -1,8 +1,9 @@
 """The streaming pipeline: decode -> detect+track -> align -> restore -> blend -> encode.
 
 Decoding and encoding run in their own threads, joined to the main thread by
-bounded queues, so memory stays flat however long the video is. The main
-thread detects and tracks faces frame by frame, queues aligned crops, and runs
+bounded queues, so memory stays flat however long the video is. A detection
+thread finds the faces of the next few frames while the main thread tracks
+faces frame by frame, queues aligned crops, and runs
 the restorer on batches of faces from several frames and tracks. A frame is
 handed to the encoder as soon as all its faces are back, always in order.
 
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -47,6 +49,7 @@ from .restore import RestoreContext, Restorer
 from .temporal import FaceFilter, OneEuroLandmarks, TokenSmoother, centered_landmarks
 
 QUEUE_FRAMES = 8  # frames buffered between decode / main / encode threads
+DETECT_AHEAD = 4  # frames the detection thread may run ahead of tracking and restoration
 
 
 @dataclass
@@ -270,9 +273,35 @@ class FacePipeline:
                                           prepare=options.reference_prepare) if restorer.needs_reference else None
 
     # one frame in: detection, tracking, bridging
-    def _detect(self, index: int, frame: av.VideoFrame) -> PendingFrame:
+    def _find_faces(self, frame: av.VideoFrame):
+        """The per-frame work that needs no state: runs in the detection thread."""
         rgb = to_rgb(frame)
         rgb8 = to_rgb8(rgb)
+        return frame, rgb, rgb8, self.detector.detect(rgb8)
+
+    def _detected_ahead(self, frames) -> Iterator[tuple]:
+        """Frames with their faces found, in order. Detection (colour conversion included) runs in
+        a thread of its own up to DETECT_AHEAD frames ahead, so the detector works on frame t+k
+        while the restorer works on the faces of frame t (torch and OpenCV release the GIL). Only
+        the stateless part runs there; tracking stays on the main thread, in frame order."""
+        ahead: deque = deque()
+        worker = ThreadPoolExecutor(1, thread_name_prefix="frvideo-detect")
+        try:
+            for frame in frames:
+                ahead.append(worker.submit(self._find_faces, frame))
+                if len(ahead) > DETECT_AHEAD:
+                    with self.stats.timed("detect"):  # the main thread's wait for the detector
+                        yield ahead.popleft().result()
+            while ahead:
+                with self.stats.timed("detect"):
+                    yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+            worker.shutdown(wait=True)
+
+    def _detect(self, index: int, found: tuple) -> PendingFrame:
+        frame, rgb, rgb8, detections = found
         if self.scene_cut(rgb8):
             self.tracker.reset()
             self.last_detected.clear()
@@ -282,7 +311,7 @@ class FacePipeline:
                 self.face_filter.reset()
             if self.one_euro is not None:
                 self.one_euro.reset()
-        tracked = self.tracker.update(self.detector.detect(rgb8))
+        tracked = self.tracker.update(detections)
         pending = PendingFrame(index, frame, rgb=rgb, faces=list(tracked))
         for face in tracked:
             if face.gap and not face.new_track:
@@ -487,9 +516,9 @@ class FacePipeline:
                 if on_frame:
                     on_frame(self.stats.faces)
 
-        for index, frame in enumerate(frames):
-            with self.stats.timed("detect"):
-                window.append(self._detect(index, frame))
+        for index, found in enumerate(self._detected_ahead(frames)):
+            with self.stats.timed("track"):
+                window.append(self._detect(index, found))
             yield from advance(flush=False)
         yield from advance(flush=True)
         self.stats.seconds = time.perf_counter() - start
