@@ -1,5 +1,5 @@
 """``frvideo.Filter``: the face pipeline for hosts that hand over frames one at a time
-(a custom app, a VapourSynth ``ModifyFrame`` callback, a capture loop).
+(a custom app, a capture loop, a frame server's per-frame callback).
 
     with frvideo.Filter(model="lite", detector="yunet") as f:
         for rgb in frames:                 # H x W x 3 uint8 RGB arrays (or av.VideoFrame)

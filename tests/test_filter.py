@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import MEDIA, WEIGHTS, need
+from conftest import MEDIA, REPO, WEIGHTS, need
 from frvideo.cli import main
 from frvideo.errors import FrvideoError, UsageError
 
@@ -215,3 +215,27 @@ def test_preset_and_bad_calls(env):
         flt.process(rgb)
     assert "closed" in one_line_error(UsageError, flt.process, rgb)
     assert "closed" in one_line_error(UsageError, flt.flush)
+
+
+def run_example(name: str, argv: list) -> int:
+    import runpy
+    module = runpy.run_path(str(REPO / "examples" / name))
+    return module["main"](argv)
+
+
+def test_examples_run(env, capsys):
+    """examples/filter_numpy.py (PyAV in and out, RGB arrays) and filter_opencv.py (BGR arrays)
+    on the clip; a bad model name: one line, exit 2, no output file."""
+    out = env["root"] / "example.mp4"
+    assert run_example("filter_numpy.py", [str(env["yuv420p"]), str(out), "--model", "none",
+                                           "--detector", "yunet", "--frames", "5"]) == 0
+    assert len(decode(out)) == 5
+    avi = env["root"] / "example.avi"
+    assert run_example("filter_opencv.py", [str(env["yuv420p"]), "--out", str(avi), "--model", "none",
+                                            "--detector", "yunet", "--frames", "4"]) == 0
+    assert len(decode(avi)) == 4
+    capsys.readouterr()
+    bad = env["root"] / "bad.mp4"
+    assert run_example("filter_numpy.py", [str(env["yuv420p"]), str(bad), "--model", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'nope'" in err[0] and not bad.exists()
