@@ -118,6 +118,41 @@ class _Failure:
         self.exc = exc
 
 
+class _Faces:
+    """The pipeline's on_faces callback: the tracked faces of the frame it is finishing."""
+
+    def __init__(self):
+        self.last: list = []
+
+    def __call__(self, index, faces, chosen) -> None:
+        self.last = faces
+
+
+def _drive(pipeline, faces: _Faces, inbox: queue.Queue, outbox: queue.Queue) -> None:
+    """The worker thread: FacePipeline.process() over the frames put in ``inbox``, one at a
+    time. Before it takes each frame it says so (_WANT), after everything it could output for
+    the frames so far: that is when Filter.process() returns. (It holds no reference to the
+    Filter, so an unclosed Filter can still be collected and stop it.)"""
+    def frames():
+        while True:
+            outbox.put(_WANT)
+            item = inbox.get()
+            if item is _END:
+                return
+            if item is _Closed:
+                raise _Closed()
+            yield item
+
+    try:
+        for frame in pipeline.process(frames()):
+            outbox.put((frame, faces.last))
+        outbox.put(_DONE)
+    except _Closed:
+        outbox.put(_DONE)
+    except BaseException as exc:  # re-raised in the caller's thread
+        outbox.put(_Failure(exc))
+
+
 class Filter:
     """Restores faces frame by frame; see the module's documentation."""
 
@@ -150,45 +185,21 @@ class Filter:
         detector_obj, restorer, pipeline_options = cli.load_pipeline(args, {**checked, "encode": EncodeOptions()})
         self.model, self.detector, self.device = checked["model"], detector_obj.name, checked["device"]
         self.options = pipeline_options
-        self.pipeline = FacePipeline(restorer, detector_obj, pipeline_options, fps, on_faces=self._on_faces)
+        faces = _Faces()
+        self.pipeline = FacePipeline(restorer, detector_obj, pipeline_options, fps, on_faces=faces)
         self._stats = self.pipeline.stats
         self.faces: list = []  # the tracked faces (TrackedFace: track_id, box, landmarks, ...) of the last frame out
         self.last_pts: Optional[int] = None  # the pts of the last frame out (given to process() or the frame's own)
         self._size: Optional[tuple[int, int]] = None
         self._given: deque = deque()  # (kind, pts) of each frame in the pipeline, oldest first
         self._ready: deque = deque()  # frames out of the pipeline not returned yet: (frame, faces)
-        self._frame_faces: list = []
         self._to_worker: queue.Queue = queue.Queue(maxsize=1)
         self._from_worker: queue.Queue = queue.Queue()
         self._state = "open"  # open -> flushed -> closed; "failed" after an error in the pipeline
-        self._worker = threading.Thread(target=self._run, daemon=True, name="frvideo-filter")
+        self._worker = threading.Thread(target=_drive, args=(self.pipeline, faces, self._to_worker, self._from_worker),
+                                        daemon=True, name="frvideo-filter")
         self._worker.start()
         self._collect()  # until the pipeline asks for its first frame
-
-    # -- the worker thread: FacePipeline.process() over the frames handed in --------------
-
-    def _frames(self):
-        while True:
-            self._from_worker.put(_WANT)
-            item = self._to_worker.get()
-            if item is _END:
-                return
-            if item is _Closed:
-                raise _Closed()
-            yield item
-
-    def _on_faces(self, index, faces, chosen) -> None:
-        self._frame_faces = faces
-
-    def _run(self) -> None:
-        try:
-            for frame in self.pipeline.process(self._frames()):
-                self._from_worker.put((frame, self._frame_faces))
-            self._from_worker.put(_DONE)
-        except _Closed:
-            self._from_worker.put(_DONE)
-        except BaseException as exc:  # re-raised in the caller's thread
-            self._from_worker.put(_Failure(exc))
 
     def _collect(self) -> None:
         """Wait until the pipeline asks for its next frame (or ends), keeping what it output."""

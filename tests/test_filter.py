@@ -239,3 +239,22 @@ def test_examples_run(env, capsys):
     assert run_example("filter_numpy.py", [str(env["yuv420p"]), str(bad), "--model", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown model 'nope'" in err[0] and not bad.exists()
+
+
+def test_options_and_unclosed_filter(env):
+    """Options as the CLI parses them (a set of track ids like --tracks 0,2); a Filter dropped
+    without close() stops its worker thread when it is collected."""
+    import gc
+    import threading
+
+    from frvideo import Filter
+
+    rgb = decode(env["bgr0"])[0].to_ndarray(format="rgb24")
+    flt = Filter(model="none", detector="yunet", tracks={2, 0}, temporal="tokens", min_face=40)
+    assert flt.options.track_ids == {0, 2} and flt.options.temporal == "tokens" and flt.options.min_face == 40
+    flt.process(rgb)
+    worker = next(t for t in threading.enumerate() if t.name == "frvideo-filter" and t.is_alive())
+    del flt
+    gc.collect()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
