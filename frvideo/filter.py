@@ -33,8 +33,10 @@ Filter-only options: ``channels`` ("rgb", the default, or "bgr": the channel ord
 the numpy arrays given and returned; OpenCV's is BGR) and ``fps`` (the stream's frame
 rate, default 25: causal landmark smoothing is tuned in seconds). The CLI options
 about files (input, output, --codec/--crf/--preset/--pix-fmt, --faces, --ignore-damage,
---quiet, --reference-frame) are refused. ``config=`` takes a preset name or YAML file
-as ``--config`` does; its file-only keys (an encoder preset, quiet) are skipped.
+--quiet) are refused, and so is --reference-frame (use reference_image). ``config=``
+takes a preset name or YAML file as ``--config`` does; its file-only keys (an encoder
+preset, quiet) are skipped. ``threads`` works as the CLI's: it sets the torch and
+OpenCV thread counts of the whole process (default: half the cores, 1 to 8).
 """
 from __future__ import annotations
 
@@ -52,7 +54,9 @@ NAME = "frvideo.Filter"
 FILTER_DEFAULTS = {"lookahead": 0, "batch_size": 1}
 # CLI options about files and the command line, which mean nothing to a filter
 NOT_FILTER_OPTIONS = ("input", "output", "help", "version", "codec", "crf", "preset", "pix_fmt", "faces",
-                      "ignore_damage", "quiet", "reference_frame")
+                      "ignore_damage", "quiet")
+# ... and one the filter cannot honour: a frame of the input read before the run starts
+NEEDS_FILE_INPUT = "reference_frame"
 CHANNELS = ("rgb", "bgr")
 
 
@@ -82,15 +86,20 @@ def filter_args(options: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, 
                 raise ConfigError(f"{config}: unknown option {key!r}")
             if dest in NOT_FILTER_OPTIONS:
                 continue  # e.g. an encoder preset: the host encodes
+            if dest == NEEDS_FILE_INPUT:
+                raise ConfigError(f"{config}: {key}: {_NEEDS_FILE}")
             setattr(args, dest, _config_value(actions[dest], str(key), value, config))
             origin[dest] = f"{config}: {key}"
     for key, value in options.items():
         dest = key.replace("-", "_")
+        if dest == NEEDS_FILE_INPUT:
+            raise UsageError(f"{NAME}: {key}: {_NEEDS_FILE}")
         if dest in NOT_FILTER_OPTIONS:
             raise UsageError(f"{NAME}: {key!r} is an option of the command line's file input/output, "
                              f"not of the filter (the host decodes and encodes)")
         if dest not in actions or dest in NOT_IN_CONFIG:
-            known = sorted(d for d in actions if d not in NOT_IN_CONFIG and d not in NOT_FILTER_OPTIONS)
+            known = sorted(d for d in actions
+                           if d not in NOT_IN_CONFIG and d not in NOT_FILTER_OPTIONS and d != NEEDS_FILE_INPUT)
             raise UsageError(f"{NAME}: unknown option {key!r} (options: {', '.join(known)}, channels, fps, config)")
         if value is None:  # None keeps the default (auto strength, the model's fidelity, ...)
             continue
@@ -103,6 +112,9 @@ def filter_args(options: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, 
         origin.pop(dest, None)
     return args, origin
 
+
+_NEEDS_FILE = ("needs a file input (it reads that frame before the run starts); the filter sees frames "
+               "one at a time: use reference_image")
 
 _END = object()  # no more input: restore what is held and finish (flush)
 _WANT = object()  # the pipeline asks for its next frame: all it could output so far has been handed back

@@ -190,6 +190,7 @@ def test_bad_options_are_one_line_frvideo_errors(env):
     assert "true or false" in one_line_error(UsageError, Filter, model="none", draw="yes")
     assert "unknown option 'colour'" in one_line_error(UsageError, Filter, model="none", colour=1)
     assert "not of the filter" in one_line_error(UsageError, Filter, model="none", codec="ffv1")
+    assert "use reference_image" in one_line_error(UsageError, Filter, model="none", reference_frame=3)
     assert "channels" in one_line_error(UsageError, Filter, model="none", channels="yuv")
     assert "no preset" in one_line_error(FrvideoError, Filter, model="none", config="nope")
     assert "diffusion" in one_line_error(UsageError, Filter, model="lite", steps=4)
