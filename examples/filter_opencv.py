@@ -2,7 +2,7 @@
 file or a camera, restored as they come and written with cv2.VideoWriter (or shown).
 
     python examples/filter_opencv.py IN.mp4 --out OUT.avi --model lite
-    python examples/filter_opencv.py 0 --show --model lite          # camera 0, in a window
+    python examples/filter_opencv.py 0 --show --model lite          # camera 0, in a window (untested: no camera here)
 """
 import argparse
 import sys
