@@ -168,8 +168,10 @@ def _drive(pipeline, faces: _Faces, inbox: queue.Queue, outbox: queue.Queue) -> 
 class Filter:
     """Restores faces frame by frame; see the module's documentation."""
 
-    def __init__(self, model: str = "auto", detector: str = "auto", *, channels: str = "rgb",
+    def __init__(self, model: Optional[str] = None, detector: Optional[str] = None, *, channels: str = "rgb",
                  fps: float = 25.0, **options):
+        """``model``, ``detector``: names as for --model/--detector; None: a ``config`` preset's,
+        else auto (as on the command line)."""
         from . import cli
 
         if channels not in CHANNELS:

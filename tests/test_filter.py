@@ -40,7 +40,9 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("filter")
     home = root / "home"
     (home / "weights").mkdir(parents=True)
-    (home / "weights" / "face_detection_yunet_2023mar.onnx").symlink_to(WEIGHTS / "face_detection_yunet_2023mar.onnx")
+    for name in ("face_detection_yunet_2023mar.onnx", "detection_mobilenet0.25_Final.pth"):
+        if (WEIGHTS / name).exists():  # both: --detector auto would pick retinaface-mobile, not yunet
+            (home / "weights" / name).symlink_to(WEIGHTS / name)
     clips = {}
     for pix_fmt in ("yuv420p", "bgr0"):
         path = root / f"clip_{pix_fmt}.mkv"
@@ -202,6 +204,9 @@ def test_preset_and_bad_calls(env):
     rgb = decode(env["bgr0"])[0].to_ndarray(format="rgb24")
     flt = Filter(model="none", config="live")  # the live preset: yunet, batch 1, lookahead 0
     assert flt.detector == "yunet" and flt.options.batch_size == 1 and flt.options.lookahead == 0
+    if (WEIGHTS / "detection_mobilenet0.25_Final.pth").exists():  # the keyword wins over the preset
+        with Filter(model="none", config="live", detector="auto") as other:
+            assert other.detector == "retinaface-mobile"
     assert "H x W x 3" in one_line_error(UsageError, flt.process, rgb[..., 0])
     assert "H x W x 3" in one_line_error(UsageError, flt.process, rgb.astype(np.float32))
     assert "numpy array or an av.VideoFrame" in one_line_error(UsageError, flt.process, [1, 2, 3])
