@@ -32,8 +32,9 @@ frames in their input order (the n-th frame returned is the n-th frame given), a
 Filter-only options: ``channels`` ("rgb", the default, or "bgr": the channel order of
 the numpy arrays given and returned; OpenCV's is BGR) and ``fps`` (the stream's frame
 rate, default 25: causal landmark smoothing is tuned in seconds). The CLI options
-about files (input, output, --codec/--crf/--preset/--pix-fmt, --faces, --ignore-damage,
---quiet) are refused, and so is --reference-frame (use reference_image). ``config=``
+about files and the run (input, output, --codec/--crf/--preset/--pix-fmt, --faces,
+--ignore-damage, --quiet: all but the model, faces, blend, temporal and reference groups
+of ``frvideo --help``) are refused, and so is --reference-frame (use reference_image). ``config=``
 takes a preset name or YAML file as ``--config`` does; its file-only keys (an encoder
 preset, quiet) are skipped. ``threads`` works as the CLI's: it sets the torch and
 OpenCV thread counts of the whole process (default: half the cores, 1 to 8).
@@ -52,11 +53,19 @@ NAME = "frvideo.Filter"
 
 # The two CLI defaults the filter changes so that process() returns the frame it was given.
 FILTER_DEFAULTS = {"lookahead": 0, "batch_size": 1}
-# CLI options about files and the command line, which mean nothing to a filter
-NOT_FILTER_OPTIONS = ("input", "output", "help", "version", "codec", "crf", "preset", "pix_fmt", "faces",
-                      "ignore_damage", "quiet")
+# The CLI's option groups that shape the restoration: the filter takes their options; the
+# others (input/output, encoding, run, and any group for streams added later) are about files
+# and the command line, which the host owns
+FILTER_GROUPS = ("model", "faces", "blend", "temporal", "reference")
+NOT_FILTER_OPTIONS = ("faces",)  # --faces FILE.jsonl: a log file beside the output
 # ... and one the filter cannot honour: a frame of the input read before the run starts
 NEEDS_FILE_INPUT = "reference_frame"
+
+
+def filter_option_dests(parser: argparse.ArgumentParser) -> set[str]:
+    """The dests of the CLI options a Filter takes (those of FILTER_GROUPS)."""
+    return {a.dest for g in parser._action_groups if g.title and g.title.split()[0] in FILTER_GROUPS
+            for a in g._group_actions} - set(NOT_FILTER_OPTIONS) - {NEEDS_FILE_INPUT}
 CHANNELS = ("rgb", "bgr")
 
 
@@ -70,6 +79,7 @@ def filter_args(options: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, 
 
     parser = build_parser()
     actions = {a.dest: a for a in parser._actions}
+    allowed = filter_option_dests(parser)
     args = parser.parse_args(["-", "-"])  # every option at its CLI default
     args.input = args.output = None
     for key, value in FILTER_DEFAULTS.items():
@@ -84,23 +94,22 @@ def filter_args(options: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, 
             dest = str(key).replace("-", "_")
             if not isinstance(key, str) or dest not in actions or dest in NOT_IN_CONFIG:
                 raise ConfigError(f"{config}: unknown option {key!r}")
-            if dest in NOT_FILTER_OPTIONS:
-                continue  # e.g. an encoder preset: the host encodes
             if dest == NEEDS_FILE_INPUT:
                 raise ConfigError(f"{config}: {key}: {_NEEDS_FILE}")
+            if dest not in allowed:
+                continue  # e.g. an encoder preset: the host encodes
             setattr(args, dest, _config_value(actions[dest], str(key), value, config))
             origin[dest] = f"{config}: {key}"
     for key, value in options.items():
         dest = key.replace("-", "_")
         if dest == NEEDS_FILE_INPUT:
             raise UsageError(f"{NAME}: {key}: {_NEEDS_FILE}")
-        if dest in NOT_FILTER_OPTIONS:
-            raise UsageError(f"{NAME}: {key!r} is an option of the command line's file input/output, "
+        if dest in actions and dest not in allowed and dest not in NOT_IN_CONFIG:
+            raise UsageError(f"{NAME}: {key!r} is an option of the command line's input/output or run, "
                              f"not of the filter (the host decodes and encodes)")
-        if dest not in actions or dest in NOT_IN_CONFIG:
-            known = sorted(d for d in actions
-                           if d not in NOT_IN_CONFIG and d not in NOT_FILTER_OPTIONS and d != NEEDS_FILE_INPUT)
-            raise UsageError(f"{NAME}: unknown option {key!r} (options: {', '.join(known)}, channels, fps, config)")
+        if dest not in allowed:
+            raise UsageError(f"{NAME}: unknown option {key!r} "
+                             f"(options: {', '.join(sorted(allowed))}, channels, fps, config)")
         if value is None:  # None keeps the default (auto strength, the model's fidelity, ...)
             continue
         if isinstance(value, (set, frozenset, tuple)):

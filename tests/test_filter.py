@@ -191,7 +191,8 @@ def test_bad_options_are_one_line_frvideo_errors(env):
     assert "must be one of" in one_line_error(UsageError, Filter, model="none", temporal="sometimes")
     assert "true or false" in one_line_error(UsageError, Filter, model="none", draw="yes")
     assert "unknown option 'colour'" in one_line_error(UsageError, Filter, model="none", colour=1)
-    assert "not of the filter" in one_line_error(UsageError, Filter, model="none", codec="ffv1")
+    for file_option in ("codec", "quiet", "ignore_damage", "faces"):
+        assert "not of the filter" in one_line_error(UsageError, Filter, model="none", **{file_option: "x"})
     assert "use reference_image" in one_line_error(UsageError, Filter, model="none", reference_frame=3)
     assert "channels" in one_line_error(UsageError, Filter, model="none", channels="yuv")
     assert "no preset" in one_line_error(FrvideoError, Filter, model="none", config="nope")
