@@ -230,13 +230,15 @@ class _OptionCheck:
     """Reports a bad option value against where it came from: the command line (UsageError,
     exit 2) or the --config file (ConfigError, exit 6)."""
 
-    def __init__(self, origin: dict[str, str]):
+    def __init__(self, origin: dict[str, str], option_name: str = "--{}"):
         self.origin = origin
+        self.option_name = option_name  # how a message names an option: "--{}" (CLI), "Filter: {}" (API)
 
     def fail(self, dest: str, message: str) -> None:
         if dest in self.origin:
             raise ConfigError(f"{self.origin[dest]}: {message}")
-        raise UsageError(f"--{dest.replace('_', '-')}: {message}")
+        name = dest.replace("_", "-") if self.option_name.startswith("--") else dest
+        raise UsageError(f"{self.option_name.format(name)}: {message}")
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
@@ -264,14 +266,9 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
     that only some models take. Returns what the checks found out (model name, device, ...)."""
     from .io.reader import STDIO, check_input_source, is_url, probe_input
     from .io.writer import EncodeOptionError, EncodeOptions, check_encode_options, check_output_target
-    from .restore import auto_model_name, backend_class
-    from .weights import check_weights_path
 
     check = _OptionCheck(origin)
-    for action in build_parser()._actions:  # text options: an empty value is never meant
-        value = getattr(args, action.dest, None)
-        if action.dest not in ("input", "output") and isinstance(value, str) and not value.strip():
-            check.fail(action.dest, "must not be empty")
+    _check_not_empty(args, check)
     check_input_source(args.input)
     if args.input != STDIO and args.output != STDIO and not is_url(args.input) and Path(args.input).exists():
         out = Path(args.output)
@@ -281,6 +278,33 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
     if args.faces is not None:
         from .faces.facelog import check_face_log_target
         check_face_log_target(args.faces, args.output)
+
+    checked = validate_model_args(args, check)
+
+    probed = probe_input(args.input)  # (codec, pix_fmt) from a file's header; None for pipes
+    input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
+    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt)
+    try:
+        check_encode_options(args.output, encode, input_codec, input_pix_fmt)
+    except EncodeOptionError as exc:
+        check.fail(exc.option, str(exc))
+    return {**checked, "encode": encode}
+
+
+def _check_not_empty(args: argparse.Namespace, check: _OptionCheck) -> None:
+    for action in build_parser()._actions:  # text options: an empty value is never meant
+        value = getattr(args, action.dest, None)
+        if action.dest not in ("input", "output") and isinstance(value, str) and not value.strip():
+            check.fail(action.dest, "must not be empty")
+
+
+def validate_model_args(args: argparse.Namespace, check: _OptionCheck) -> dict:
+    """The checks of validate_restore_args that need no input or output (device, precision,
+    model, detector, weight files, reference and diffusion options); shared with frvideo.Filter.
+    Returns the model name, device and dtype."""
+    from .io.reader import STDIO
+    from .restore import auto_model_name, backend_class
+    from .weights import check_weights_path
 
     if not _DEVICE.match(args.device):
         check.fail("device", f"unknown device {args.device!r} (auto, cpu, cuda, cuda:N)")
@@ -324,15 +348,7 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
         given = "steps" if args.steps is not None else "fresh_noise" if args.fresh_noise else None
         if given:
             check.fail(given, f"applies to diffusion models (ldbfr), not to {model!r}")
-
-    probed = probe_input(args.input)  # (codec, pix_fmt) from a file's header; None for pipes
-    input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
-    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt)
-    try:
-        check_encode_options(args.output, encode, input_codec, input_pix_fmt)
-    except EncodeOptionError as exc:
-        check.fail(exc.option, str(exc))
-    return {"model": model, "device": device, "dtype": dtype, "encode": encode}
+    return {"model": model, "device": device, "dtype": dtype}
 
 
 def _device_and_dtype(device: str, precision: str):
@@ -388,9 +404,7 @@ def _import_heavy() -> None:
 def restore_command(argv: list[str]) -> int:
     args, origin = _parse_restore_args(argv)  # first: --help, --version and usage errors need no torch
     _import_heavy()
-    from .faces.detect import load_detector
-    from .pipeline import PipelineOptions, run_file
-    from .restore import load_restorer
+    from .pipeline import run_file
 
     checked = validate_restore_args(args, origin)
     device, dtype, model = checked["device"], checked["dtype"], checked["model"]
@@ -398,6 +412,24 @@ def restore_command(argv: list[str]) -> int:
     threads = args.threads or default_threads()
     apply_threads(threads)
     _quiet_opencv()
+    detector, restorer, options = load_pipeline(args, checked)
+    note = f"{model}/{detector.name} on {device}"
+    if not args.quiet:
+        print(f"frvideo: model {model}, detector {detector.name}, device {device} "
+              f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
+    stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
+    _print_summary(args, stats)
+    return EXIT_OK
+
+
+def load_pipeline(args: argparse.Namespace, checked: dict):
+    """The detector, the restorer and the PipelineOptions of checked options (validate_restore_args
+    or validate_model_args): what FacePipeline is built from, for the CLI and frvideo.Filter alike."""
+    from .faces.detect import load_detector
+    from .pipeline import PipelineOptions
+    from .restore import load_restorer
+
+    device, dtype, model = checked["device"], checked["dtype"], checked["model"]
     # the detector first: it is small, so a missing detector file is reported before a big model loads
     detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
     restorer = load_restorer(model, args.weights, device, dtype)
@@ -415,11 +447,10 @@ def restore_command(argv: list[str]) -> int:
     )
     for key, value in reference_options.items():
         setattr(options, key, value)
-    note = f"{model}/{detector.name} on {device}"
-    if not args.quiet:
-        print(f"frvideo: model {model}, detector {detector.name}, device {device} "
-              f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
-    stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
+    return detector, restorer, options
+
+
+def _print_summary(args: argparse.Namespace, stats) -> None:
     if not args.quiet:
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
               f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
@@ -430,7 +461,6 @@ def restore_command(argv: list[str]) -> int:
                 f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
-    return EXIT_OK
 
 
 def _check_diffusion_options(args, restorer) -> None:
