@@ -44,7 +44,7 @@ def chroma_offset(frame: av.VideoFrame) -> Optional[float]:
     if len(comps) == 1 or (len(comps) == 2 and comps[1].is_alpha):
         return 0.0  # a gray pixel format
     if comps[0].is_luma:
-        chroma = [c for c in comps if c.is_chroma]
+        chroma = [c for c in comps[1:] if not c.is_alpha]  # (PyAV's is_chroma: subsampled chroma only)
         bits = chroma[0].bits
         planes = {c.plane for c in chroma}
         mid = float(1 << (bits - 1))

@@ -58,11 +58,12 @@ def master_pix_fmt(codec: str, pix_fmt: str, formats: list[str]) -> Optional[str
     if not comps or not comps[0].is_luma:
         return None  # RGB: FFV1 keeps it as it is (bgr0/gbrp), ProRes converts to 4:4:4
     depth = max(10, max(c.bits for c in comps))
-    chroma = [c for c in comps if c.is_chroma]
+    chroma = [c for c in comps[1:] if not c.is_alpha]  # (PyAV's is_chroma: subsampled chroma only)
     full_chroma = bool(chroma) and all(c.width == comps[0].width and c.height == comps[0].height for c in chroma)
     alpha = any(c.is_alpha for c in comps)
-    for d in (depth, 10, 12, 16) if codec == "ffv1" else (10,):
-        if d < depth:
+    # FFV1: the source's depth or more; ProRes takes 10 bits (4444 codes up to 12 internally)
+    for d in (depth, 12, 16) if codec == "ffv1" else (10,):
+        if codec == "ffv1" and d < depth:
             continue
         want = ("yuva" if alpha else "yuv") + ("444" if full_chroma else "422") + f"p{d}le"
         if want in formats:
@@ -158,9 +159,24 @@ class FieldFlagger(_FrameFilter):
     after converting them to ``pix_fmt`` field by field (``scale=interl=1``: 4:2:0 chroma is
     resampled within each field, not across the two)."""
 
+    # AVCOL_SPC_* -> the scale filter's matrix names
+    MATRIX = {1: "bt709", 4: "fcc", 5: "bt470", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+
     def __init__(self, field_order: int, time_base: Fraction, pix_fmt: str):
-        super().__init__([("scale", "interl=1"), ("format", pix_fmt),
-                          ("setfield", "tff" if field_order in TOP_FIRST else "bff")], time_base)
+        super().__init__([], time_base)
+        self.pix_fmt = pix_fmt
+        self.field = "tff" if field_order in TOP_FIRST else "bff"
+
+    def _build(self, frame: av.VideoFrame) -> None:
+        # the same matrix and range in and out, named: the filter graph's buffer does not carry the
+        # frame's tags, and the scale filter would otherwise convert between its guesses of them
+        # (that moved 8-bit luma by up to 53/1023 in a 10-bit master); like this 8 -> 10 bits is exact
+        matrix = self.MATRIX.get(int(frame.colorspace), "bt601")
+        rng = "pc" if int(frame.color_range) == 2 or frame.format.name.startswith("yuvj") else "tv"
+        self.chain = [("scale", f"interl=1:in_range={rng}:out_range={rng}:in_color_matrix={matrix}:"
+                                f"out_color_matrix={matrix}"),
+                      ("format", self.pix_fmt), ("setfield", self.field)]
+        super()._build(frame)
 
     def __call__(self, frame: av.VideoFrame) -> av.VideoFrame:
         out = self.push(frame)
