@@ -100,8 +100,9 @@ def looks_black_and_white(frames: Iterable[av.VideoFrame]) -> tuple[bool, int]:
 # -- grain ----------------------------------------------------------------------------
 
 HIGHPASS_SIGMA = 1.5  # px: what the residual keeps (grain is 1-3 px; faces' shapes are larger)
+HIGHPASS_FLOOR = 0.12  # the least high-pass response the grain spectrum is divided by
 LEVELS = 8  # luma bins for the std per exposure
-LAG = 3  # autocorrelation lags measured each way: a 7 x 7 grain kernel
+LAG = 5  # autocorrelation lags measured each way: an 11 x 11 grain kernel (grains up to ~2 px)
 MIN_SAMPLES = 64  # ring pixels a luma bin needs to count
 RING = 0.5  # the ring box: the face's box grown by this much of its size on every side
 MEMORY = 0.8  # weight of the past in the per-track grain statistics (grain is stable in a reel)
@@ -156,14 +157,19 @@ def autocorrelation(residual: np.ndarray, where: np.ndarray) -> Optional[np.ndar
 
 
 def shaping_kernel(acf: np.ndarray) -> np.ndarray:
-    """The filter that turns white noise into noise of this autocorrelation: the inverse FFT of the
-    square root of its power spectrum (the spectrum is the FFT of the autocorrelation)."""
+    """The filter that turns white noise into grain whose high-pass has this autocorrelation: the
+    inverse FFT of the square root of the grain's power spectrum. That spectrum is the FFT of the
+    autocorrelation (of the high-pass residual) divided by the high-pass's own response (floored,
+    so the lowest frequencies the high-pass removed are not blown up)."""
     k = acf.shape[0]
-    size = 4 * k  # zero-padded: a smoother spectrum
+    size = 4 * k  # zero-padded: a finer spectrum
     padded = np.zeros((size, size))
-    padded[:k, :k] = acf * np.outer(np.hanning(k + 2)[1:-1], np.hanning(k + 2)[1:-1])  # taper: a spectrum >= 0
+    padded[:k, :k] = acf
     padded = np.roll(padded, (-(k // 2), -(k // 2)), axis=(0, 1))  # lag 0 at the origin
-    power = np.maximum(np.fft.fft2(padded).real, 0.0)
+    f = np.fft.fftfreq(size)
+    f2 = f[:, None] ** 2 + f[None, :] ** 2
+    highpass_response = (1.0 - np.exp(-2.0 * np.pi ** 2 * HIGHPASS_SIGMA ** 2 * f2)) ** 2
+    power = np.maximum(np.fft.fft2(padded).real, 0.0) / np.maximum(highpass_response, HIGHPASS_FLOOR)
     kernel = np.fft.fftshift(np.fft.ifft2(np.sqrt(power)).real)
     c = size // 2
     kernel = kernel[c - LAG:c + LAG + 1, c - LAG:c + LAG + 1].astype(np.float32)
