@@ -133,24 +133,25 @@ def level_stds(residual: np.ndarray, level: np.ndarray, where: np.ndarray) -> np
 
 def autocorrelation(residual: np.ndarray, where: np.ndarray) -> Optional[np.ndarray]:
     """Normalised autocorrelation (2 LAG + 1)² of the residual over the pixels ``where`` (pairs
-    both of whose pixels are in it), None if too few. Outliers (edges) are clipped first."""
+    both of whose pixels are in it), None if too few. Outliers (edges) are clipped first. Sums
+    over all pixel pairs at once by FFT (zero-padded: no wrap-around)."""
     s = robust_std(residual[where])
     if s <= 0:
         return None
-    r = np.clip(residual, -3 * s, 3 * s) * where
     m = where.astype(np.float32)
+    r = np.clip(residual, -3 * s, 3 * s) * m
     h, w = r.shape
-    out = np.zeros((2 * LAG + 1, 2 * LAG + 1), np.float64)
-    for dy in range(-LAG, LAG + 1):
-        for dx in range(-LAG, LAG + 1):
-            a = r[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
-            b = r[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)]
-            ma = m[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
-            mb = m[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)]
-            n = float((ma * mb).sum())
-            if n < MIN_SAMPLES:
-                return None
-            out[dy + LAG, dx + LAG] = float((a * b).sum()) / n
+    fh, fw = cv2.getOptimalDFTSize(h + LAG), cv2.getOptimalDFTSize(w + LAG)
+
+    def correlate(a):
+        spectrum = np.fft.rfft2(a, (fh, fw))
+        full = np.fft.irfft2(spectrum * np.conj(spectrum), (fh, fw))
+        ys, xs = np.arange(-LAG, LAG + 1) % fh, np.arange(-LAG, LAG + 1) % fw
+        return full[np.ix_(ys, xs)]
+    pairs = correlate(m)
+    if float(pairs.min()) < MIN_SAMPLES:
+        return None
+    out = correlate(r) / pairs
     if out[LAG, LAG] <= 0:
         return None
     return out / out[LAG, LAG]

@@ -15,6 +15,8 @@ timestamps, so the frame-count and timing rules of the pipeline still hold.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from fractions import Fraction
 from typing import Iterable, Iterator, Optional
@@ -47,9 +49,12 @@ def is_interlaced(field_order: int) -> bool:
 
 
 def master_pix_fmt(codec: str, pix_fmt: str, formats: list[str]) -> Optional[str]:
-    """The pixel format of an FFV1/ProRes master of a ``pix_fmt`` source: 4:2:2 at 10 bits, or the
-    source's own chroma and depth where they are richer (4:4:4, 12 or 16 bits). None: let the
-    ordinary rule choose (RGB sources, formats the encoder lacks)."""
+    """The pixel format of a master of a ``pix_fmt`` source. FFV1 is lossless: it keeps the
+    source's own format (every decoded sample, bit depth and chroma as they are; an untouched
+    frame stays bit-identical). ProRes: 4:2:2 at 10 bits, 4:4:4 (4444) for a 4:4:4 source. None:
+    let the ordinary rule choose (RGB sources, formats the encoder lacks)."""
+    if codec == "ffv1" and pix_fmt in formats:
+        return pix_fmt
     try:
         fmt = av.VideoFormat(pix_fmt, 64, 64)  # a size, so the components know theirs
     except (ValueError, TypeError):
@@ -73,10 +78,26 @@ def master_pix_fmt(codec: str, pix_fmt: str, formats: list[str]) -> Optional[str
     return None
 
 
-def ffv1_slices(width: int, height: int) -> int:
+@functools.lru_cache(maxsize=32)
+def ffv1_slices(width: int, height: int, pix_fmt: str) -> int:
     """Slices per frame: decode and CRC checks in parallel, and a damaged frame loses one slice,
-    not the whole picture. 16 from SD up; small frames get 4 (a slice needs some rows)."""
-    return 16 if width * height >= 640 * 360 else 4
+    not the whole picture. 16 from SD up, 4 below; FFV1 refuses counts it cannot lay out on the
+    frame (odd sizes, tiny frames), so each is tried on the real size, down to 1."""
+    wanted = 16 if width * height >= 640 * 360 else 4
+    for n in [c for c in (16, 12, 9, 6, 4, 2, 1) if c <= wanted]:
+        cc = av.CodecContext.create("ffv1", "w")
+        cc.width, cc.height, cc.pix_fmt = width, height, pix_fmt
+        cc.time_base = Fraction(1, 25)
+        cc.options = {"level": "3", "slices": str(n), "slicecrc": "1"}
+        try:
+            cc.open()
+            return n
+        except (av.error.FFmpegError, ValueError):
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                cc.close()
+    return 1
 
 
 def master_options(codec: str, width: int, height: int, pix_fmt: str) -> dict[str, str]:
@@ -85,7 +106,7 @@ def master_options(codec: str, width: int, height: int, pix_fmt: str) -> dict[st
         # version 3, every frame a keyframe (cut anywhere, a loss stays in its frame), range coder
         # with the large context model (smaller files), a CRC per slice (MediaConch checks it)
         return {"level": "3", "g": "1", "coder": "1", "context": "1", "slicecrc": "1",
-                "slices": str(ffv1_slices(width, height))}
+                "slices": str(ffv1_slices(width, height, pix_fmt))}
     if codec == "prores_ks":
         # HQ for 4:2:2, 4444 (profile 4) for 4:4:4; vendor apl0 so Apple's decoders take it as theirs
         profile = "4" if "444" in pix_fmt else "3"
