@@ -125,7 +125,8 @@ def _choose_codec(input_codec: str, opts: EncodeOptions, ext: str, supported: se
         if ext == ".y4m" and codec.name != "rawvideo":
             raise EncodeOptionError("codec", f"a y4m output holds raw video only, not {opts.codec}")
         if ext not in (".y4m", ".nut") and supported and codec.name not in supported:
-            hint = " (use .mov or .mkv for a master)" if codec.name in masters.MASTER_CODECS else ""
+            hint = {"ffv1": " (an FFV1 master goes in .mkv)", "prores_ks": " (a ProRes master goes in .mov)"}.get(
+                codec.name, "")
             raise EncodeOptionError("codec", f"the {ext} container cannot hold {opts.codec} video{hint}")
         return name
     wanted = FOLLOW_INPUT.get(input_codec)
