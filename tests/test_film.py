@@ -168,6 +168,25 @@ def test_gray_forced_on_a_colour_clip_leaves_chroma_unchanged(tmp_path, colour_c
         assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
 
 
+@pytest.mark.parametrize("fmt", ["yuv420p", "nv12", "yuv444p", "yuv422p10le", "rgb24", "gbrp"])
+def test_luma_only_delta_leaves_chroma_alone(fmt):
+    from frvideo.io.frames import add_rgb_deltas
+
+    gray = np.repeat(pattern(1, 64, 48)[..., :1], 3, axis=2)
+    frame = av.VideoFrame.from_ndarray(gray, format="rgb24").reformat(format=fmt)
+    delta = np.zeros((20, 24, 3), np.float32)
+    delta[..., 0], delta[..., 1], delta[..., 2] = 0.2, -0.05, 0.1  # a coloured change
+    out = add_rgb_deltas(frame, [(8, 10, delta)], luma_only=True)
+    if fmt.startswith(("yuv", "nv")):
+        a, b = _planes(frame), _planes(out)
+        assert not np.array_equal(a[0], b[0])  # luma changed
+        assert all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:]))  # chroma bit for bit
+    else:
+        rgb = out.to_ndarray(format="rgb24").astype(int)
+        assert not np.array_equal(rgb, gray)
+        assert np.abs(rgb[..., 0] - rgb[..., 1]).max() <= 1 and np.abs(rgb[..., 2] - rgb[..., 1]).max() <= 1
+
+
 def test_black_and_white_detection():
     from frvideo.film import looks_black_and_white
 
@@ -313,7 +332,9 @@ def test_grain_match_puts_the_films_grain_on_the_restored_face(tmp_path, home_wi
     match = np.median([f / r for f, r in runs["match"]])
     assert match > 1.15 * off  # grain was added on the face (lite leaves some of the film's: off ~0.9)
     assert 0.67 < match < 1.5, match  # matched: within a factor 1.5 of the surroundings'
-    # and chroma untouched by the grain (it is luma only): same chroma with and without it
+    # the colour clip was seen as colour (restored in colour: its chroma changed) ...
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(decoded(tmp_path / "off.mkv"), decoded(src)))
+    # ... and chroma untouched by the grain (it is luma only): same chroma with and without it
     for a, b in zip(decoded(tmp_path / "off.mkv"), decoded(tmp_path / "match.mkv")):
         assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
 
