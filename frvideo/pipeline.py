@@ -497,7 +497,8 @@ class FacePipeline:
     def _decide_gray(self, frames) -> Iterator[av.VideoFrame]:
         """Black and white or colour, from the first frames (held back, then passed on)."""
         frames = iter(frames)
-        head = list(itertools.islice(frames, GRAY_MAX_FRAMES))
+        # a causal (live) run holds nothing back: it judges the first frame alone
+        head = list(itertools.islice(frames, 1 if self.causal else GRAY_MAX_FRAMES))
         self.luma_only, _ = looks_black_and_white(head)
         self.stats.gray_detected = True
         return itertools.chain(head, frames)
@@ -570,6 +571,9 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
     info, frames = reader.info, reader
     if options.deinterlace:  # one frame per frame, same timestamps; the output is progressive
         from .io.masters import FIELD_PROGRESSIVE, deinterlaced
+        if info.field_order == FIELD_PROGRESSIVE:
+            print(f"frvideo: warning: {source} is flagged progressive; deinterlacing it anyway (--deinterlace)",
+                  file=sys.stderr)
         frames = deinterlaced(reader, info.field_order, info.time_base)
         info = dataclasses.replace(info, field_order=FIELD_PROGRESSIVE)
     writer = open_writer(target, info, options.encode, copy_from=copy_from)
