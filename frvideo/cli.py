@@ -135,16 +135,43 @@ def build_parser() -> _Parser:
     g.add_argument("--reference-restorer", metavar="NAME",
                    help="restore each reference once with this model first (e.g. codeformer)")
     g = p.add_argument_group("encoding")
-    g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...)")
+    g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...); "
+                                  "ffv1 or prores make an archival master (see Film and archival masters)")
     g.add_argument("--crf", type=_any_number, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
     g.add_argument("--preset", help="encoder preset (default medium)")
     g.add_argument("--pix-fmt", help="output pixel format (default: the input's, so bit depth is kept)")
+    _add_film_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML file of options, or a preset name from configs/presets/")
     g.add_argument("--ignore-damage", action="store_true",
                    help="restore the readable part of a truncated or damaged input instead of stopping")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return p
+
+
+def _add_film_arguments(p: _Parser) -> None:
+    """Film and archival masters (frvideo/film.py, frvideo/io/masters.py)."""
+    g = p.add_argument_group("film")
+    g.add_argument("--gray", action=argparse.BooleanOptionalAction, default=None,
+                   help="black and white: restore luma only, chroma left exactly as decoded (no colour cast); "
+                        "default: detected from the first frames (neutral chroma); --no-gray restores colour")
+    g.add_argument("--grain", choices=["off", "match"], default="off",
+                   help="match: measure the film grain around each face and add the grain the restored face "
+                        "lacks (same std per brightness, same grain size); default off")
+    g.add_argument("--deinterlace", action="store_true",
+                   help="deinterlace before restoring (FFmpeg bwdif, one frame per frame, same timestamps); "
+                        "default: interlaced input stays interlaced, field order kept")
+
+
+def _film_summary(stats) -> list[str]:
+    lines = []
+    if stats.gray:
+        how = "detected from the first frames" if stats.gray_detected else "--gray"
+        lines.append(f"black and white ({how}): restored on luma only, chroma as decoded")
+    if stats.grain_faces:
+        lines.append(f"grain matched on {stats.grain_faces} faces, mean grain std "
+                     f"{255 * stats.grain_sum / stats.grain_faces:.1f}/255")
+    return lines
 
 
 NOT_IN_CONFIG = ("input", "output", "config", "help", "version")
@@ -444,6 +471,7 @@ def load_pipeline(args: argparse.Namespace, checked: dict):
         encode=checked["encode"],
         steps=args.steps, fresh_noise=args.fresh_noise, bridge=args.bridge, strength=args.strength,
         keep_detail=args.keep_detail,
+        gray=args.gray, grain=args.grain, deinterlace=args.deinterlace,
     )
     for key, value in reference_options.items():
         setattr(options, key, value)
@@ -459,6 +487,8 @@ def _print_summary(args: argparse.Namespace, stats) -> None:
             total = sum(stats.stage_seconds.values()) or 1.0
             print("frvideo: main-thread time: " + ", ".join(
                 f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
+        for line in _film_summary(stats):
+            print(f"frvideo: {line}", file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
 

@@ -20,6 +20,8 @@ look-ahead (causal runs) the face is predicted from its last motion instead.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import queue
 import sys
 import threading
@@ -36,13 +38,14 @@ import torch
 from tqdm import tqdm
 
 from .errors import FrvideoError
+from .film import GRAY_MAX_FRAMES, GrainMatcher, frame_mask, looks_black_and_white
 from .faces.align import similarity_transforms, warp_faces
 from .faces.blend import change_to_frame, outline_mask
 from .faces.detail import BlendSettings, FaceBlend
 from .faces.detect import FaceDetector
 from .faces.tracker import FaceTracker, SceneCutDetector, TrackedFace, select_faces
 from .io import EncodeOptions, open_reader, open_writer
-from .io.frames import add_rgb_deltas, from_rgb, to_rgb, to_rgb8
+from .io.frames import _LUMA_WEIGHTS, add_rgb_deltas, from_rgb, matrix_and_range, to_rgb, to_rgb8
 from .io.reader import STDIO, is_url
 from .reference import Keyframe, KeyframeSelector
 from .restore import RestoreContext, Restorer
@@ -85,6 +88,12 @@ class PipelineOptions:
     reference: Optional[np.ndarray] = None  # a fixed aligned reference face for every track (else keyframes)
     reference_label: str = "reference image"  # how the summary names that fixed reference
     reference_prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None  # e.g. restore it with another backend
+    # film (frvideo/film.py, io/masters.py): black and white restored on luma only (None: detected
+    # from the first frames), grain matched around each face ("match") or not ("off"),
+    # deinterlacing before detection (files: run_file)
+    gray: Optional[bool] = None
+    grain: str = "off"
+    deinterlace: bool = False
 
 
 @dataclass
@@ -129,6 +138,10 @@ class RunStats:
     # wall seconds of the main thread per stage (detect = colour conversion, scene cut, detector,
     # tracker; align; model; filter = temporal face filter; blend; paste = back into the frame)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    gray: Optional[bool] = None  # restored on luma only (black and white)
+    gray_detected: bool = False  # ... decided from the first frames (not --gray/--no-gray)
+    grain_faces: int = 0  # faces that got grain (--grain match)
+    grain_sum: float = 0.0  # sum of the std of the grain they got (0-1 units)
 
     def timed(self, stage: str):
         return _StageTimer(self.stage_seconds, stage)
@@ -271,6 +284,10 @@ class FacePipeline:
         self._track_ids: set[int] = set()
         self.keyframes = KeyframeSelector(fixed=options.reference, fixed_label=options.reference_label,
                                           prepare=options.reference_prepare) if restorer.needs_reference else None
+        if options.grain not in ("off", "match"):
+            raise ValueError(f"grain must be off or match, not {options.grain!r}")
+        self.luma_only = options.gray  # None: decided on the first frames (process)
+        self.grain = GrainMatcher() if options.grain == "match" else None
 
     # one frame in: detection, tracking, bridging
     def _find_faces(self, frame: av.VideoFrame):
@@ -478,9 +495,12 @@ class FacePipeline:
         if self.on_faces is not None:
             self.on_faces(p.index, p.faces, p.chosen)
         hw = p.frame.height, p.frame.width
-        deltas = [d for j in p.jobs if j.change is not None
+        deltas = [(j, d) for j in p.jobs if j.change is not None
                   and (d := change_to_frame(j.change, j.mask, j.transform, hw)) is not None]
-        frame = add_rgb_deltas(p.frame, deltas)  # no change: the decoded frame itself, bit for bit
+        if self.grain is not None and deltas:
+            deltas = self._add_grain(p, deltas)
+        # no change: the decoded frame itself, bit for bit; black and white: chroma as decoded
+        frame = add_rgb_deltas(p.frame, [d for _, d in deltas], luma_only=bool(self.luma_only))
         if self.opts.draw and p.faces:
             rgb = to_rgb(frame)
             draw_faces(rgb, p.faces)
@@ -488,7 +508,34 @@ class FacePipeline:
         p.rgb = None
         return frame
 
+    def _add_grain(self, p: PendingFrame, deltas: list) -> list:
+        """--grain match: each restored face gets the film grain measured around it (film.py)."""
+        self.grain.kr, self.grain.kb = _LUMA_WEIGHTS.get(matrix_and_range(p.frame)[0], (0.299, 0.114))
+        out = []
+        with self.stats.timed("grain"):
+            for job, (x0, y0, d) in deltas:
+                mask = frame_mask(job.mask, job.transform, (p.frame.height, p.frame.width))
+                if mask is not None and mask.shape == d.shape[:2]:
+                    d = self.grain.apply(p.rgb, x0, y0, d, mask, job.face.track_id, p.index, job.face.new_track)
+                    if self.grain.last_added > 0:
+                        self.stats.grain_faces += 1
+                        self.stats.grain_sum += self.grain.last_added
+                out.append((job, (x0, y0, d)))
+        return out
+
+    def _decide_gray(self, frames) -> Iterator[av.VideoFrame]:
+        """Black and white or colour, from the first frames (held back, then passed on)."""
+        frames = iter(frames)
+        # a causal (live) run holds nothing back: it judges the first frame alone
+        head = list(itertools.islice(frames, 1 if self.causal else GRAY_MAX_FRAMES))
+        self.luma_only, _ = looks_black_and_white(head)
+        self.stats.gray_detected = True
+        return itertools.chain(head, frames)
+
     def process(self, frames, on_frame: Optional[Callable[[int], None]] = None) -> Iterator[av.VideoFrame]:
+        if self.luma_only is None:
+            frames = self._decide_gray(frames)
+        self.stats.gray = bool(self.luma_only)
         window = self.window
         pending: deque[PendingFrame] = deque()  # aligned, waiting for restoration
         waiting: list[FaceJob] = []
@@ -550,7 +597,15 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
 
     reader = open_reader(source, options.allow_damaged)
     copy_from = source if source != STDIO and not is_url(source) else None
-    writer = open_writer(target, reader.info, options.encode, copy_from=copy_from)
+    info, frames = reader.info, reader
+    if options.deinterlace:  # one frame per frame, same timestamps; the output is progressive
+        from .io.masters import FIELD_PROGRESSIVE, deinterlaced
+        if info.field_order == FIELD_PROGRESSIVE:
+            print(f"frvideo: warning: {source} is flagged progressive; deinterlacing it anyway (--deinterlace)",
+                  file=sys.stderr)
+        frames = deinterlaced(reader, info.field_order, info.time_base)
+        info = dataclasses.replace(info, field_order=FIELD_PROGRESSIVE)
+    writer = open_writer(target, info, options.encode, copy_from=copy_from)
     log = FaceLogWriter(faces_log) if faces_log else None
     pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25), on_faces=log)
     stop = threading.Event()
@@ -569,7 +624,7 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
                 bar.set_postfix(faces=faces, refresh=False)
                 last[0] = now
 
-        for out_frame in pipeline.process(_threaded(reader, stop), progress):
+        for out_frame in pipeline.process(_threaded(frames, stop), progress):
             encoder.put(out_frame)
         encoder.close()
         writer.finish()
