@@ -300,7 +300,15 @@ class FacePipeline:
         """Frames with their faces found, in order. Detection (colour conversion included) runs in
         a thread of its own up to DETECT_AHEAD frames ahead, so the detector works on frame t+k
         while the restorer works on the faces of frame t (torch and OpenCV release the GIL). Only
-        the stateless part runs there; tracking stays on the main thread, in frame order."""
+        the stateless part runs there; tracking stays on the main thread, in frame order.
+        Causal runs (live streams, the Filter API) hand each frame on as soon as it is done, so
+        they detect in line: reading ahead would hold frames back for the frames after them."""
+        if self.causal:
+            for frame in frames:
+                with self.stats.timed("detect"):
+                    found = self._find_faces(frame)
+                yield found
+            return
         ahead: deque = deque()
         worker = ThreadPoolExecutor(1, thread_name_prefix="frvideo-detect")
         try:
