@@ -467,6 +467,10 @@ class FacePipeline:
             out = self._run_model(faces, ctx, new_track)
         out = out.float().clamp(-1, 1)  # as the official scripts clamp
         faces = faces.float()
+        if torch.equal(out, faces):  # nothing restored (``none``, or a model that gave the input back)
+            for job in jobs:
+                job.strength, job.change, job.done = 0.0, None, True
+            return
         if self.face_filter is not None:
             with self.stats.timed("filter"):
                 out = self.face_filter(out, ctx.track_ids, new_track, inputs=faces)
