@@ -270,7 +270,9 @@ class FacePipeline:
         self.face_filter = FaceFilter(options.temporal_strength, options.temporal_threshold,
                                       options.temporal_guide, options.temporal_flow) \
             if options.temporal == "full" else None
-        self.blend = FaceBlend(self.size, BlendSettings(strength=options.strength, keep_detail=options.keep_detail))
+        self.blend = FaceBlend(self.size, BlendSettings(
+            strength=options.strength, keep_detail=options.keep_detail,
+            max_strength=restorer.max_strength))
         self.lookahead = options.lookahead if options.smooth_landmarks else 0
         # causal runs (--lookahead 0) hold no frame back; files wait long enough to bridge a gap
         self.causal = options.lookahead == 0
