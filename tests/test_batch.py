@@ -310,3 +310,31 @@ def test_ray_local_mode_equals_local_engine(clips, reference, tmp_path, monkeypa
     capsys.readouterr()
     assert batch([str(clips / "wda.mp4"), "--out", str(out), *ARGS[:-1], *LOSSLESS]) == 0
     assert "skipped" in capsys.readouterr().err
+
+
+def test_segmented_master_keeps_timecode_and_frames(env, tmp_path):
+    """A MOV with a start timecode, cut into 2 segments, joined into ProRes: the output starts
+    at the source's timecode (not a segment's) and has every frame."""
+    from clips import pattern
+    src = tmp_path / "in" / "tc.mov"
+    src.parent.mkdir()
+    out = av.open(str(src), "w")
+    v = out.add_stream("libx264", rate=25)
+    v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+    v.codec_context.options = {"preset": "ultrafast", "g": "6", "keyint_min": "6", "sc_threshold": "0"}
+    v.metadata["timecode"] = "01:00:00:00"
+    for i in range(12):
+        f = av.VideoFrame.from_ndarray(pattern(i, 96, 64), format="rgb24").reformat(format="yuv420p")
+        f.pts = i
+        for pkt in v.encode(f):
+            out.mux(pkt)
+    for pkt in v.encode(None):
+        out.mux(pkt)
+    out.close()
+    dest = tmp_path / "out"
+    assert batch([str(src.parent), "--out", str(dest), *ARGS, "--codec", "prores_ks"]) == 0
+    assert len(jobs(dest)["tc.mov"]["segments"]) == 2
+    with av.open(str(dest / "tc.mov")) as c:
+        assert c.streams.video[0].codec_context.name == "prores"
+        assert c.streams.video[0].metadata.get("timecode") == "01:00:00:00"
+    assert [t for t, _ in decoded(dest / "tc.mov")] == [t for t, _ in decoded(src)]

@@ -443,8 +443,9 @@ class BatchRun:
         folder = self.segment_dir(job)
         with open_reader(str(job.input), allow_damaged=True) as reader:
             rotation, time_base = reader.info.rotation, reader.info.time_base
+            timecode, rate = getattr(reader.info, "timecode", None), reader.info.average_rate
         job.output.parent.mkdir(parents=True, exist_ok=True)
-        join_segments([folder / s["file"] for s in segments], str(job.input), job.output, rotation)
+        join_segments([folder / s["file"] for s in segments], str(job.input), job.output, rotation, timecode, rate)
         output_sha = sha256_file(job.output)
         md5_path = write_framemd5(job.output) if self.opts.framemd5 else None
         row = self.journal.job(job.key)

@@ -177,9 +177,12 @@ def _partial(target: Path):
                 os.close(fd)
 
 
-def join_segments(files: list[Path], source: str, target: Path, rotation: int = 0) -> int:
+def join_segments(files: list[Path], source: str, target: Path, rotation: int = 0,
+                  timecode: Optional[str] = None, rate=None) -> int:
     """Copy the video packets of ``files`` (in order) into ``target`` with the other streams
-    of ``source``; the target appears only complete. Returns the number of video packets."""
+    of ``source``; the target appears only complete. ``timecode``: the source's start timecode
+    (each segment carries its own run's; the whole file starts at the source's). Returns the
+    number of video packets."""
     from ..io.writer import MUXER, _PacketCopier
 
     ext = target.suffix.lower()
@@ -196,6 +199,12 @@ def join_segments(files: list[Path], source: str, target: Path, rotation: int = 
                 video = out.add_stream_from_template(template)
                 if rotation and ext in {".mp4", ".mov", ".m4v", ".mkv"}:
                     video.set_display_rotation(float(rotation))
+                if rate:  # the stream's frame rate (MOV needs it to write a timecode track)
+                    with contextlib.suppress(AttributeError, TypeError, ValueError):
+                        video.codec_context.framerate = rate
+                video.metadata.pop("timecode", None)
+                if timecode:  # MOV/MP4: a tmcd track; MKV: a TIMECODE tag (as the writer does)
+                    video.metadata["timecode"] = timecode
                 first.close()
                 with av.open(source) as probe:
                     has_others = any(s.type != "video" for s in probe.streams) and ext in MUXER
