@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import FrvideoError
 from .film import GRAY_MAX_FRAMES, GrainMatcher, frame_mask, looks_black_and_white
 from .faces.align import similarity_transforms, warp_faces
 from .faces.blend import change_to_frame, outline_mask
