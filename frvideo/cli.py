@@ -68,8 +68,10 @@ def build_parser() -> _Parser:
     p = _Parser(prog="frvideo", description="Restore faces in a video, streaming. Other commands: "
                 "`frvideo models` (list/fetch weights), `frvideo metrics REF OUT` (flicker, PSNR/SSIM), "
                 "`frvideo dataset SRC... --out DIR` (face crops for training), `frvideo train CONFIG.yaml`.")
-    p.add_argument("input", help="input video file, URL, or - for a y4m stream on stdin")
-    p.add_argument("output", help="output file (container from the extension), or - for y4m on stdout")
+    p.add_argument("input", help="input video file, URL (udp://, tcp://, rtmp://, http://, ...), or - for a y4m "
+                                 "or nut stream on stdin")
+    p.add_argument("output", help="output file (container from the extension), URL, or - for y4m (--format nut: "
+                                  "nut, with audio) on stdout")
     p.add_argument("--version", action="version", version=f"frvideo {__version__}")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto", help="restoration model (default auto: best with weights installed)")
@@ -139,12 +141,85 @@ def build_parser() -> _Parser:
     g.add_argument("--crf", type=_any_number, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
     g.add_argument("--preset", help="encoder preset (default medium)")
     g.add_argument("--pix-fmt", help="output pixel format (default: the input's, so bit depth is kept)")
+    _add_stream_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML file of options, or a preset name from configs/presets/")
     g.add_argument("--ignore-damage", action="store_true",
                    help="restore the readable part of a truncated or damaged input instead of stopping")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return p
+
+
+# -- streams and --live (see live.py) ---------------------------------------------
+
+def _key_value(text: str) -> tuple[str, str]:
+    """--input-option / --output-option: KEY=VALUE, handed to FFmpeg as it is."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. listen=1)")
+    return key.strip(), value
+
+
+_latency_ms = number(float, 1.0, 60000.0)
+_timeout_s = number(float, 0.0, 86400.0)
+_stats_s = number(float, 0.0, 86400.0)
+DEFAULT_MAX_LATENCY_MS = 200.0
+
+
+def _add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("streams")
+    g.add_argument("--input-format", metavar="FMT",
+                   help="FFmpeg demuxer or capture device of the input (e.g. mpegts on stdin, lavfi, v4l2); "
+                        "default: probed (stdin: y4m or nut, from its first bytes)")
+    g.add_argument("--input-option", type=_key_value, action="append", default=[], metavar="K=V",
+                   help="FFmpeg option for opening the input, e.g. listen=1 for an rtmp:// server (repeatable)")
+    g.add_argument("--input-timeout", type=_timeout_s, default=10.0, metavar="S",
+                   help="a network input silent this many seconds ends the run cleanly (the output is "
+                        "finished, exit 0); also the wait for it to start; 0 = wait forever (default 10)")
+    g.add_argument("--format", metavar="FMT",
+                   help="container of a URL or stdout output: y4m, nut (keeps audio), mpegts, flv, ... "
+                        "(default: y4m on stdout, mpegts for udp/tcp, flv for rtmp)")
+    g.add_argument("--output-option", type=_key_value, action="append", default=[], metavar="K=V",
+                   help="FFmpeg option for opening the output, e.g. pkt_size=1316 (repeatable)")
+    g = p.add_argument_group("live")
+    g.add_argument("--live", action="store_true",
+                   help="keep the input's pace: causal (no look-ahead), every frame out within --max-latency, "
+                        "late faces carried from their track's last restoration or passed through; a file "
+                        "input is paced at its frame rate")
+    g.add_argument("--max-latency", type=_latency_ms, default=None, metavar="MS",
+                   help=f"--live: latency budget per frame in milliseconds (default {DEFAULT_MAX_LATENCY_MS:g})")
+    g.add_argument("--stats-interval", type=_stats_s, default=5.0, metavar="S",
+                   help="--live: seconds between stats lines on stderr (0 = only the summary; default 5)")
+
+
+def _check_stream_args(args: argparse.Namespace, check: "_OptionCheck", explicit: set) -> None:
+    """The streams/live options: formats FFmpeg has, and what --live cannot take."""
+    import av
+
+    if args.input_format is not None:
+        try:
+            if not av.format.ContainerFormat(args.input_format, "r").is_input:
+                raise ValueError(args.input_format)
+        except ValueError:
+            check.fail("input_format", f"FFmpeg cannot read {args.input_format!r} here "
+                                       f"(e.g. mpegts, nut, flv, lavfi; capture devices where FFmpeg has them)")
+    if not args.live:
+        if args.max_latency is not None:
+            check.fail("max_latency", "applies with --live")
+        return
+    if "lookahead" in explicit and args.lookahead:
+        check.fail("lookahead", "--live is causal: it takes no look-ahead (leave --lookahead out or give 0)")
+
+
+def _stream_options(args: argparse.Namespace):
+    from .io.reader import InputOptions
+    return InputOptions(format=args.input_format, options=dict(args.input_option), timeout=args.input_timeout,
+                        announce=not args.quiet)
+
+
+def _print_live_summary(args, stats, live_stats) -> None:
+    from .live import describe
+    print(f"frvideo: live: {describe(live_stats, live_stats.seconds)}", file=sys.stderr)
 
 
 NOT_IN_CONFIG = ("input", "output", "config", "help", "version")
@@ -167,6 +242,14 @@ def _config_value(action: argparse.Action, key: str, value, source: str):
         raise bad("has no value (remove the line to keep the default)")
     if isinstance(value, bool):
         raise bad(f"must be a value, not {str(value).lower()} (only on/off options take true/false)")
+    if isinstance(action, argparse._AppendAction):  # --input-option: one K=V text or a list of them
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise bad(f"must be KEY=VALUE texts, not {value!r}")
+        try:
+            return [action.type(str(v)) for v in items]
+        except argparse.ArgumentTypeError as exc:
+            raise bad(str(exc)) from None
     if isinstance(value, list):
         if action.type is not _track_list:
             raise bad(f"must be a single value, not a list {value!r}")
@@ -272,12 +355,12 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
         value = getattr(args, action.dest, None)
         if action.dest not in ("input", "output") and isinstance(value, str) and not value.strip():
             check.fail(action.dest, "must not be empty")
-    check_input_source(args.input)
+    check_input_source(args.input, args.input_format)
     if args.input != STDIO and args.output != STDIO and not is_url(args.input) and Path(args.input).exists():
         out = Path(args.output)
         if out.exists() and os.path.samefile(out, args.input) or out.resolve() == Path(args.input).resolve():
             raise UsageError("output would overwrite the input; choose another output path")
-    check_output_target(args.output)
+    check_output_target(args.output, args.format)
     if args.faces is not None:
         from .faces.facelog import check_face_log_target
         check_face_log_target(args.faces, args.output)
@@ -325,9 +408,11 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
         if given:
             check.fail(given, f"applies to diffusion models (ldbfr), not to {model!r}")
 
-    probed = probe_input(args.input)  # (codec, pix_fmt) from a file's header; None for pipes
+    # (codec, pix_fmt) from a file's header; None for pipes, URLs and what --input-format names
+    probed = probe_input(args.input) if args.input_format is None else None
     input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
-    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt)
+    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
+                           format=args.format, muxer_options=dict(args.output_option))
     try:
         check_encode_options(args.output, encode, input_codec, input_pix_fmt)
     except EncodeOptionError as exc:
@@ -393,6 +478,7 @@ def restore_command(argv: list[str]) -> int:
     from .restore import load_restorer
 
     checked = validate_restore_args(args, origin)
+    _check_stream_args(args, _OptionCheck(origin), _explicit_dests(argv) | set(origin))
     device, dtype, model = checked["device"], checked["dtype"], checked["model"]
     from .hardware import apply_threads, default_threads
     threads = args.threads or default_threads()
@@ -411,7 +497,7 @@ def restore_command(argv: list[str]) -> int:
         allow_damaged=args.ignore_damage, smooth_landmarks=args.smooth_landmarks, lookahead=args.lookahead,
         encode=checked["encode"],
         steps=args.steps, fresh_noise=args.fresh_noise, bridge=args.bridge, strength=args.strength,
-        keep_detail=args.keep_detail,
+        keep_detail=args.keep_detail, input=_stream_options(args),
     )
     for key, value in reference_options.items():
         setattr(options, key, value)
@@ -419,8 +505,17 @@ def restore_command(argv: list[str]) -> int:
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
               f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
-    stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
+    if args.live:
+        from .live import LiveOptions, run_live
+        live = LiveOptions(max_latency=(args.max_latency or DEFAULT_MAX_LATENCY_MS) / 1000.0,
+                           stats_interval=args.stats_interval, quiet=args.quiet)
+        stats, live_stats = run_live(args.input, args.output, restorer, detector, options, live,
+                                     faces_log=args.faces)
+    else:
+        stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
     if not args.quiet:
+        if stats.input_ended:
+            print(f"frvideo: {args.input} ended: {stats.input_ended}", file=sys.stderr)
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
               f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
               f"{stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
@@ -430,6 +525,8 @@ def restore_command(argv: list[str]) -> int:
                 f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
+        if args.live:
+            _print_live_summary(args, stats, live_stats)
     return EXIT_OK
 
 
