@@ -7,6 +7,7 @@ state dict). Detectors have cards too (``kind: detector``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -124,3 +125,28 @@ def load_preset(name_or_path: str) -> dict:
             known = ", ".join(p.stem for p in sorted(PRESETS_DIR.glob("*.yaml")))
             raise ConfigError(f"no preset or config file {name_or_path!r} (presets: {known})")
     return _read_yaml(path)
+
+
+# Backends by name. Kept here, not in restore.py, so that listing models (`frvideo models`)
+# needs no torch.
+ENTRY_POINT_GROUP = "frvideo.restorers"
+
+# Used when the package is run from a source tree without being installed
+# (entry points only exist for installed distributions).
+_BUILTIN_BACKENDS = {
+    "none": "plugins.none:NoneRestorer",
+    "codeformer": "plugins.codeformer:CodeFormerRestorer",
+    "gfpgan": "plugins.gfpgan:GFPGANRestorer",
+    "vqfr": "plugins.vqfr:VQFRRestorer",
+    "lite": "plugins.lite:LiteRestorer",
+    "ldbfr": "plugins.ldbfr:LDBFRRestorer",
+    "ented": "plugins.ented:EntedRestorer",
+}
+
+
+def backend_entry_points() -> dict[str, str]:
+    """Backend name -> 'module:Class', from installed entry points and the built-ins."""
+    found = dict(_BUILTIN_BACKENDS)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.value
+    return found

@@ -22,29 +22,13 @@ from __future__ import annotations
 import importlib
 import zipfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
 
 from .errors import ConfigError, WeightsError
-from .models import ModelConfig
-
-ENTRY_POINT_GROUP = "frvideo.restorers"
-
-# Used when the package is run from a source tree without being installed
-# (entry points only exist for installed distributions).
-_BUILTIN_BACKENDS = {
-    "none": "plugins.none:NoneRestorer",
-    "codeformer": "plugins.codeformer:CodeFormerRestorer",
-    "gfpgan": "plugins.gfpgan:GFPGANRestorer",
-    "vqfr": "plugins.vqfr:VQFRRestorer",
-    "lite": "plugins.lite:LiteRestorer",
-    "ldbfr": "plugins.ldbfr:LDBFRRestorer",
-    "ented": "plugins.ented:EntedRestorer",
-}
-
+from .models import ModelConfig, backend_entry_points
 
 @dataclass
 class RestoreContext:
@@ -236,14 +220,6 @@ def load_state_dict_strict(net: torch.nn.Module, state: dict, source: Path | str
 
 
 # -- registry ----------------------------------------------------------------------
-
-def backend_entry_points() -> dict[str, str]:
-    """Backend name -> 'module:Class', from installed entry points and the built-ins."""
-    found = dict(_BUILTIN_BACKENDS)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
-    return found
-
 
 def backend_class(backend: str) -> type[Restorer]:
     target = backend_entry_points().get(backend)

@@ -211,3 +211,15 @@ def test_help_and_version_do_not_load_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+def test_models_listing_does_not_load_torch():
+    """`frvideo models` reads cards and weight files only: it must start as fast as --help."""
+    import subprocess
+    import sys
+    code = ("import sys, io, contextlib; from frvideo.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    rc = main(['models'])\n"
+            "print(rc, 'lite' in out.getvalue(), 'torch' in sys.modules, 'cv2' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 True False False", out.stdout + out.stderr
