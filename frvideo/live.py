@@ -62,6 +62,8 @@ class LiveStats:
     late: int = 0  # ... of them: frames passed through undetected because detection itself was behind
     no_face: int = 0
     latencies: list = field(default_factory=list)  # seconds, per frame out
+    # per frame out, in order: F fresh, C carried, R passed through, L undetected (late), N no face
+    kinds: bytearray = field(default_factory=bytearray)
     seconds: float = 0.0
 
     @property
@@ -264,14 +266,19 @@ class LiveDriver:
         if slot.late:
             s.raw += 1
             s.late += 1
+            s.kinds += b"L"
         elif not kinds:
             s.no_face += 1
+            s.kinds += b"N"
         elif all(k == "fresh" for k in kinds):
             s.fresh += 1
+            s.kinds += b"F"
         elif all(k == "raw" for k in kinds):
             s.raw += 1
+            s.kinds += b"R"
         else:
             s.carried += 1
+            s.kinds += b"C"
         if len(self.carry) > 2 * len(self.pipeline.tracker.tracks) + 16:  # forget ended tracks
             live = {t.id for t in self.pipeline.tracker.tracks}
             with self.lock:
@@ -302,7 +309,7 @@ class LiveDriver:
         start = time.monotonic()
         interval = self.live.stats_interval
         next_stats = start + interval
-        last_line = (dataclasses.replace(self.stats, latencies=[]), start)
+        last_line = (dataclasses.replace(self.stats, latencies=[], kinds=bytearray()), start)
         ended = False
         try:
             while not ended or self.slots:
@@ -324,7 +331,7 @@ class LiveDriver:
                     before, t_before = last_line
                     print(f"frvideo: live {now - start:.0f} s: {describe(self.stats, now - t_before, before)}",
                           file=sys.stderr, flush=True)
-                    last_line = (dataclasses.replace(self.stats, latencies=[]), now)
+                    last_line = (dataclasses.replace(self.stats, latencies=[], kinds=bytearray()), now)
                     next_stats = now + interval
             self.encoder.close()
         finally:

@@ -63,6 +63,11 @@ URL_MUXER = {"udp": "mpegts", "tcp": "mpegts", "unix": "mpegts", "srt": "mpegts"
 # --format names that are not FFmpeg's own muxer names.
 FORMAT_ALIASES = {"y4m": "yuv4mpegpipe", "ts": "mpegts", "mkv": "matroska"}
 CONTAINER_FALLBACK.update({".ts": "libx264", ".flv": "libx264"})
+# What FFmpeg's mpegts muxer takes (its codec list is a switch in mpegtsenc.c, which PyAV's
+# supported_codecs cannot query: it reports only the default mp2/mpeg2video), by codec and encoder name.
+MPEGTS_CODECS = {"h264", "libx264", "hevc", "libx265", "mpeg1video", "mpeg2video", "mpeg4", "av1", "libsvtav1",
+                 "libaom-av1", "vc1", "cavs", "dirac", "aac", "aac_latm", "mp2", "mp3", "libmp3lame", "ac3", "eac3",
+                 "dts", "truehd", "opus", "libopus", "s302m", "dvb_subtitle", "dvb_teletext", "smpte_klv"}
 STREAM_KEYFRAME_S = 2  # network outputs: seconds between keyframes (a receiver that joins late waits this long)
 # CRF ranges the encoders document (FFmpeg's own option bounds are wider or absent).
 CRF_RANGE = {"libx264": (0, 51), "libx264rgb": (0, 51), "libx265": (0, 51), "libvpx-vp9": (0, 63),
@@ -265,9 +270,17 @@ def container_codecs(ext: str) -> set:
     """The encoders the muxer of ``ext`` accepts (asked of an in-memory muxer: no file is made)."""
     try:
         with av.open(io.BytesIO(), "w", format=MUXER.get(ext, ext.lstrip("."))) as probe:
-            return set(probe.supported_codecs)
+            return _holds(probe)
     except (av.error.FFmpegError, ValueError):
         return set()
+
+
+def _holds(out) -> set:
+    """Codec and encoder names an output container takes."""
+    supported = set(out.supported_codecs)
+    if out.format.name == "mpegts":
+        supported |= MPEGTS_CODECS
+    return supported
 
 
 def check_encode_options(target: str, opts: EncodeOptions, input_codec: str = "",
@@ -389,7 +402,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
 def _copy_streams(streams, out: av.container.OutputContainer, ext: str) -> dict:
     """Output streams for the input's non-video ``streams`` the container can hold: input index -> stream."""
     mapped = {}
-    supported = out.supported_codecs
+    supported = _holds(out)
     for s in streams:
         name = s.codec_context.name if s.codec_context else None
         if s.type == "video" or name is None or (ext != ".nut" and name not in supported):
@@ -523,7 +536,7 @@ class VideoWriter:
     def _setup(self, opts: EncodeOptions, copy_from: Optional[str]) -> None:
         info = self.info
         codec = _default_pipe_codec(self.target, self.ext, opts) or \
-            _choose_codec(info.codec, opts, self.ext, self.out.supported_codecs)
+            _choose_codec(info.codec, opts, self.ext, _holds(self.out))
         self.pix_fmt = _choose_pix_fmt(codec, info, opts)
         # y4m carries no timestamps: frames are numbered at the nominal rate
         self.numbered = self.ext == ".y4m"
