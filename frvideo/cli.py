@@ -519,7 +519,7 @@ def restore_command(argv: list[str]) -> int:
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
               f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
               f"{stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
-        if stats.stage_seconds:
+        if stats.stage_seconds and not args.live:  # (live: the model runs in its own thread)
             total = sum(stats.stage_seconds.values()) or 1.0
             print("frvideo: main-thread time: " + ", ".join(
                 f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
