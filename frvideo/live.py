@@ -1,9 +1,10 @@
 """``--live``: a stream in, the same stream out on time; faces restored as far as the machine keeps up.
 
-A driver around the one FacePipeline (no second pipeline): the main thread takes
-each frame as it arrives, detects and aligns its faces (causal: no look-ahead,
-landmarks by the One-Euro filter, keyframes from the frames seen so far) and
-queues the faces for a restoration worker thread. Every frame has a deadline,
+A driver around the one FacePipeline (no second pipeline): a detection thread
+takes each frame as it arrives, detects and aligns its faces (causal: no
+look-ahead, landmarks by the One-Euro filter, keyframes from the frames seen so
+far) and queues the faces for a restoration worker thread; the main thread only
+hands frames to the encoder, on time. Every frame has a deadline,
 its arrival plus ``--max-latency`` (less the time pasting and encoding take).
 Frames leave in order, each as soon as its faces are back or at its deadline,
 whichever comes first: a face whose restoration is not back by then gets the
@@ -16,8 +17,8 @@ The worker takes the oldest waiting frame it can still finish before that
 frame's deadline (from the time its last restorations took) and skips older
 ones, which then leave at once with carried faces; a restoration that comes
 back after its frame left still updates what its track carries. When even
-detection falls behind (the main thread is late for a frame's deadline before
-detecting it), the frame is passed through undetected.
+detection falls behind (a frame would be late before its detection is done),
+the frame is passed through undetected.
 
 A file or pipe input is paced at its timestamps (as ``ffmpeg -re`` does), so a
 recording stands in for a camera; network inputs and devices arrive in real
@@ -104,8 +105,14 @@ class _Slot:
     pending: PendingFrame
     arrival: float
     deadline: float
-    state: str  # queued (faces wait for the worker), running, done, skipped (carry), none (no face), late
+    # arrived (waits for detection), detecting, queued (faces wait for the worker), running, done,
+    # skipped (its faces will be carried), none (no face), late (passed through undetected)
+    state: str
     late: bool = False
+    gone: bool = False  # it has left (on its deadline, possibly before its detection or restoration ended)
+
+
+WAITING = ("arrived", "detecting", "queued", "running")  # a frame in these states leaves only on its deadline
 
 
 class _Wake:
@@ -135,6 +142,8 @@ class LiveDriver:
         self.encode_s = 0.0
         self.error: Optional[BaseException] = None
         self.closing = False
+        self.ended = False  # the input has ended
+        self.to_detect: queue.Queue = queue.Queue()  # slots waiting for the detection thread
         self.handed: deque = deque()  # (arrival, hand-off time) of frames given to the encoder, in order
         self.encoder = _EncoderThread(_TimedWriter(writer, self._written))
         self.worker = threading.Thread(target=self._work, daemon=True, name="frvideo-restore")
@@ -154,7 +163,7 @@ class LiveDriver:
         skipped = []
         chosen = None
         for slot in self.slots:
-            if slot.state != "queued":
+            if slot.state != "queued" or slot.gone:
                 continue
             if now + self._estimate(slot) <= slot.deadline:
                 chosen = slot
@@ -204,24 +213,49 @@ class LiveDriver:
 
     # -- the main thread ----------------------------------------------------------------
 
-    def _admit(self, frame, arrival: float) -> None:
+    def _arrive(self, frame, arrival: float) -> None:
+        """Main thread: a frame arrived; it gets its slot in the output order and its deadline
+        now, and waits for detection (it leaves on its deadline even if detection has not run)."""
         index = self.stats.frames_in
         self.stats.frames_in += 1
         deadline = arrival + self.live.max_latency - self.paste_s - self.encode_s
-        t0 = time.monotonic()
-        if t0 + self.detect_s > deadline:  # even detection is behind: the frame goes through as it is
-            slot = _Slot(PendingFrame(index, frame), arrival, deadline, "late", late=True)
-            self.detect_s *= 1 - EMA  # one slow detection must not keep every later frame undetected
-        else:
-            p = self.pipeline._detect(index, frame)
-            self.pipeline._align(p, [])
-            p.rgb = None  # only detection and alignment (done) read it
-            self.detect_s = (1 - EMA) * self.detect_s + EMA * (time.monotonic() - t0)
-            slot = _Slot(p, arrival, deadline, "queued" if p.jobs else "none")
-        with self.work:
+        slot = _Slot(PendingFrame(index, frame), arrival, deadline, "arrived")
+        with self.lock:
             self.slots.append(slot)
-            if slot.state == "queued":
-                self.work.notify()
+        self.to_detect.put(slot)
+
+    def _detect_loop(self) -> None:
+        """Detection thread: faces of each arrived frame found and aligned, queued for the worker.
+        A frame whose detection would end after its deadline is passed through undetected."""
+        try:
+            while True:
+                slot = self.to_detect.get()
+                if slot is None:
+                    return
+                t0 = time.monotonic()
+                with self.lock:
+                    if slot.gone:
+                        continue
+                    if t0 + self.detect_s > slot.deadline:
+                        slot.state, slot.late = "late", True
+                        self.detect_s *= 1 - EMA  # one slow detection must not keep every later frame undetected
+                        self._wake()
+                        continue
+                    slot.state = "detecting"
+                p = self.pipeline._detect(slot.pending.index, slot.pending.frame)
+                self.pipeline._align(p, [])
+                p.rgb = None  # only detection and alignment (done) read it
+                self.detect_s = (1 - EMA) * self.detect_s + EMA * (time.monotonic() - t0)
+                with self.work:
+                    if not slot.gone:  # (one that left meanwhile is not restored: its frame is out)
+                        slot.pending = p
+                        slot.state = "queued" if p.jobs else "none"
+                        if p.jobs:
+                            self.work.notify()
+                self._wake()
+        except BaseException as exc:  # re-raised in the main thread
+            self.error = exc
+            self._wake()
 
     def _emit_due(self) -> None:
         """Hand every frame at the head that is ready, or due, to the encoder, in order."""
@@ -229,11 +263,12 @@ class LiveDriver:
             now = time.monotonic()
             with self.lock:
                 head = self.slots[0]
-                if head.state in ("queued", "running") and now < head.deadline:
+                if head.state in WAITING and now < head.deadline:
                     return
                 self.slots.popleft()
-                if head.state == "queued":
-                    head.state = "skipped"  # the worker must not start it now
+                head.gone = True  # the detection thread and the worker must not start it now
+                if head.state in ("arrived", "detecting"):
+                    head.late = True
                 jobs, kinds = self._settle(head)
             t0 = time.monotonic()
             out = self.pipeline._finish(dataclasses.replace(head.pending, jobs=jobs))
@@ -297,7 +332,7 @@ class LiveDriver:
         waits = [next_stats - now] if self.live.stats_interval > 0 and not self.live.quiet else []
         if self.slots:
             head = self.slots[0]
-            waits.append(0.0 if head.state not in ("queued", "running") else head.deadline - now)
+            waits.append(0.0 if head.state not in WAITING else head.deadline - now)
         return max(0.0, min(waits)) if waits else None
 
     def run(self, frames) -> None:
@@ -305,24 +340,25 @@ class LiveDriver:
         stop = threading.Event()
         threading.Thread(target=_producer, args=(frames, self.events, stop), daemon=True,
                          name="frvideo-decode").start()
+        detect = threading.Thread(target=self._detect_loop, daemon=True, name="frvideo-detect")
+        detect.start()
         self.worker.start()
         start = time.monotonic()
         interval = self.live.stats_interval
         next_stats = start + interval
         last_line = (dataclasses.replace(self.stats, latencies=[], kinds=bytearray()), start)
-        ended = False
         try:
-            while not ended or self.slots:
+            while not (self.ended and not self.slots):
                 try:
                     item = self.events.get(timeout=self._wait_time(next_stats))
                 except queue.Empty:
                     item = None
                 if item is _END:
-                    ended = True
+                    self.ended = True
                 elif isinstance(item, _Failure):
                     raise item.exc
                 elif isinstance(item, tuple):
-                    self._admit(*item)
+                    self._arrive(*item)
                 if self.error is not None:
                     raise self.error
                 self._emit_due()
@@ -336,10 +372,12 @@ class LiveDriver:
             self.encoder.close()
         finally:
             stop.set()
+            self.to_detect.put(None)
             with self.work:
                 self.closing = True
                 self.work.notify_all()
         self.worker.join()
+        detect.join()
         self.stats.seconds = time.monotonic() - start
 
 
