@@ -226,10 +226,17 @@ class LiveDriver:
 
     def _detect_loop(self) -> None:
         """Detection thread: faces of each arrived frame found and aligned, queued for the worker.
-        A frame whose detection would end after its deadline is passed through undetected."""
+        When detection falls behind the input, it takes the newest frame that waits (the one with
+        the most time left to be restored too) and passes the older ones through undetected, as
+        it does a frame whose detection would end after its deadline."""
         try:
             while True:
                 slot = self.to_detect.get()
+                while slot is not None and not self.to_detect.empty():
+                    with self.lock:
+                        if not slot.gone:
+                            slot.state, slot.late = "late", True
+                    slot = self.to_detect.get()
                 if slot is None:
                     return
                 t0 = time.monotonic()
