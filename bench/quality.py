@@ -24,6 +24,7 @@ goals (PSNR >= input - 0.2 dB, identity <= input + 0.03; clean: PSNR >= 38 dB).
     FRVIDEO_HOME=<detectors> OMP_NUM_THREADS=1 python bench/quality.py \\
         [--models none lite ented ldbfr] [--families mild vqfr simple clean] [--frames 24] \\
         [--detector retinaface-mobile] [--clips retalk_1 ...] [--json out.json] [--panels DIR]
+    python bench/quality.py --merge clip1.json clip2.json ...   # one table from per-clip runs
 """
 from __future__ import annotations
 
@@ -184,7 +185,18 @@ def main() -> None:
     ap.add_argument("--ented-references", action="store_true",
                     help="with ented: also rows with another identity's face as every track's reference "
                          "(a clean face of another eval clip) and with no reference (a flat grey face)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no run: the tables of earlier runs' --json files together (e.g. one clip per process)")
     args = ap.parse_args()
+    if args.merge:
+        rows = {}
+        for path in args.merge:
+            for key, rs in json.loads(Path(path).read_text()).items():
+                rows.setdefault(tuple(key.split("/", 1)), []).extend(rs)
+        args.families = [f for f in FAMILIES if (f, "input") in rows]
+        args.json = None
+        report(rows, args)
+        return
 
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

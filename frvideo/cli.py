@@ -137,10 +137,12 @@ def build_parser() -> _Parser:
     g.add_argument("--reference-restorer", metavar="NAME",
                    help="restore each reference once with this model first (e.g. codeformer)")
     g = p.add_argument_group("encoding")
-    g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...)")
+    g.add_argument("--codec", help="video encoder (default follows the input: h264 -> libx264, ...); "
+                                  "ffv1 or prores make an archival master (see Film and archival masters)")
     g.add_argument("--crf", type=_any_number, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
     g.add_argument("--preset", help="encoder preset (default medium)")
     g.add_argument("--pix-fmt", help="output pixel format (default: the input's, so bit depth is kept)")
+    _add_film_arguments(p)
     _add_stream_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML file of options, or a preset name from configs/presets/")
@@ -148,6 +150,31 @@ def build_parser() -> _Parser:
                    help="restore the readable part of a truncated or damaged input instead of stopping")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return p
+
+
+def _add_film_arguments(p: _Parser) -> None:
+    """Film and archival masters (frvideo/film.py, frvideo/io/masters.py)."""
+    g = p.add_argument_group("film")
+    g.add_argument("--gray", action=argparse.BooleanOptionalAction, default=None,
+                   help="black and white: restore luma only, chroma left exactly as decoded (no colour cast); "
+                        "default: detected from the first frames (neutral chroma); --no-gray restores colour")
+    g.add_argument("--grain", choices=["off", "match"], default="off",
+                   help="match: measure the film grain around each face and add the grain the restored face "
+                        "lacks (same std per brightness, same grain size); default off")
+    g.add_argument("--deinterlace", action="store_true",
+                   help="deinterlace before restoring (FFmpeg bwdif, one frame per frame, same timestamps); "
+                        "default: interlaced input stays interlaced, field order kept")
+
+
+def _film_summary(stats) -> list[str]:
+    lines = []
+    if stats.gray:
+        how = "detected from the first frames" if stats.gray_detected else "--gray"
+        lines.append(f"black and white ({how}): restored on luma only, chroma as decoded")
+    if stats.grain_faces:
+        lines.append(f"grain matched on {stats.grain_faces} faces, mean grain std "
+                     f"{255 * stats.grain_sum / stats.grain_faces:.1f}/255")
+    return lines
 
 
 # -- streams and --live (see live.py) ---------------------------------------------
@@ -313,13 +340,15 @@ class _OptionCheck:
     """Reports a bad option value against where it came from: the command line (UsageError,
     exit 2) or the --config file (ConfigError, exit 6)."""
 
-    def __init__(self, origin: dict[str, str]):
+    def __init__(self, origin: dict[str, str], option_name: str = "--{}"):
         self.origin = origin
+        self.option_name = option_name  # how a message names an option: "--{}" (CLI), "Filter: {}" (API)
 
     def fail(self, dest: str, message: str) -> None:
         if dest in self.origin:
             raise ConfigError(f"{self.origin[dest]}: {message}")
-        raise UsageError(f"--{dest.replace('_', '-')}: {message}")
+        name = dest.replace("_", "-") if self.option_name.startswith("--") else dest
+        raise UsageError(f"{self.option_name.format(name)}: {message}")
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
@@ -347,14 +376,9 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
     that only some models take. Returns what the checks found out (model name, device, ...)."""
     from .io.reader import STDIO, check_input_source, is_url, probe_input
     from .io.writer import EncodeOptionError, EncodeOptions, check_encode_options, check_output_target
-    from .restore import auto_model_name, backend_class
-    from .weights import check_weights_path
 
     check = _OptionCheck(origin)
-    for action in build_parser()._actions:  # text options: an empty value is never meant
-        value = getattr(args, action.dest, None)
-        if action.dest not in ("input", "output") and isinstance(value, str) and not value.strip():
-            check.fail(action.dest, "must not be empty")
+    _check_not_empty(args, check)
     check_input_source(args.input, args.input_format)
     if args.input != STDIO and args.output != STDIO and not is_url(args.input) and Path(args.input).exists():
         out = Path(args.output)
@@ -364,6 +388,35 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
     if args.faces is not None:
         from .faces.facelog import check_face_log_target
         check_face_log_target(args.faces, args.output)
+
+    checked = validate_model_args(args, check)
+
+    # (codec, pix_fmt) from a file's header; None for pipes, URLs and what --input-format names
+    probed = probe_input(args.input) if args.input_format is None else None
+    input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
+    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
+                           format=args.format, muxer_options=dict(args.output_option))
+    try:
+        check_encode_options(args.output, encode, input_codec, input_pix_fmt)
+    except EncodeOptionError as exc:
+        check.fail(exc.option, str(exc))
+    return {**checked, "encode": encode}
+
+
+def _check_not_empty(args: argparse.Namespace, check: _OptionCheck) -> None:
+    for action in build_parser()._actions:  # text options: an empty value is never meant
+        value = getattr(args, action.dest, None)
+        if action.dest not in ("input", "output") and isinstance(value, str) and not value.strip():
+            check.fail(action.dest, "must not be empty")
+
+
+def validate_model_args(args: argparse.Namespace, check: _OptionCheck) -> dict:
+    """The checks of validate_restore_args that need no input or output (device, precision,
+    model, detector, weight files, reference and diffusion options); shared with frvideo.Filter.
+    Returns the model name, device and dtype."""
+    from .io.reader import STDIO
+    from .restore import auto_model_name, backend_class
+    from .weights import check_weights_path
 
     if not _DEVICE.match(args.device):
         check.fail("device", f"unknown device {args.device!r} (auto, cpu, cuda, cuda:N)")
@@ -407,17 +460,7 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
         given = "steps" if args.steps is not None else "fresh_noise" if args.fresh_noise else None
         if given:
             check.fail(given, f"applies to diffusion models (ldbfr), not to {model!r}")
-
-    # (codec, pix_fmt) from a file's header; None for pipes, URLs and what --input-format names
-    probed = probe_input(args.input) if args.input_format is None else None
-    input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
-    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
-                           format=args.format, muxer_options=dict(args.output_option))
-    try:
-        check_encode_options(args.output, encode, input_codec, input_pix_fmt)
-    except EncodeOptionError as exc:
-        check.fail(exc.option, str(exc))
-    return {"model": model, "device": device, "dtype": dtype, "encode": encode}
+    return {"model": model, "device": device, "dtype": dtype}
 
 
 def _device_and_dtype(device: str, precision: str):
@@ -473,9 +516,7 @@ def _import_heavy() -> None:
 def restore_command(argv: list[str]) -> int:
     args, origin = _parse_restore_args(argv)  # first: --help, --version and usage errors need no torch
     _import_heavy()
-    from .faces.detect import load_detector
-    from .pipeline import PipelineOptions, run_file
-    from .restore import load_restorer
+    from .pipeline import run_file
 
     checked = validate_restore_args(args, origin)
     _check_stream_args(args, _OptionCheck(origin), _explicit_dests(argv) | set(origin))
@@ -484,6 +525,33 @@ def restore_command(argv: list[str]) -> int:
     threads = args.threads or default_threads()
     apply_threads(threads)
     _quiet_opencv()
+    detector, restorer, options = load_pipeline(args, checked)
+    options.input = _stream_options(args)
+    note = f"{model}/{detector.name} on {device}"
+    if not args.quiet:
+        print(f"frvideo: model {model}, detector {detector.name}, device {device} "
+              f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
+    live_stats = None
+    if args.live:
+        from .live import LiveOptions, run_live
+        live = LiveOptions(max_latency=(args.max_latency or DEFAULT_MAX_LATENCY_MS) / 1000.0,
+                           stats_interval=args.stats_interval, quiet=args.quiet)
+        stats, live_stats = run_live(args.input, args.output, restorer, detector, options, live,
+                                     faces_log=args.faces)
+    else:
+        stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
+    _print_summary(args, stats, live_stats)
+    return EXIT_OK
+
+
+def load_pipeline(args: argparse.Namespace, checked: dict):
+    """The detector, the restorer and the PipelineOptions of checked options (validate_restore_args
+    or validate_model_args): what FacePipeline is built from, for the CLI and frvideo.Filter alike."""
+    from .faces.detect import load_detector
+    from .pipeline import PipelineOptions
+    from .restore import load_restorer
+
+    device, dtype, model = checked["device"], checked["dtype"], checked["model"]
     # the detector first: it is small, so a missing detector file is reported before a big model loads
     detector = load_detector(args.detector, args.detector_weights, device, args.detect_size)
     restorer = load_restorer(model, args.weights, device, dtype)
@@ -497,37 +565,31 @@ def restore_command(argv: list[str]) -> int:
         allow_damaged=args.ignore_damage, smooth_landmarks=args.smooth_landmarks, lookahead=args.lookahead,
         encode=checked["encode"],
         steps=args.steps, fresh_noise=args.fresh_noise, bridge=args.bridge, strength=args.strength,
-        keep_detail=args.keep_detail, input=_stream_options(args),
+        keep_detail=args.keep_detail,
+        gray=args.gray, grain=args.grain, deinterlace=args.deinterlace,
     )
     for key, value in reference_options.items():
         setattr(options, key, value)
-    note = f"{model}/{detector.name} on {device}"
+    return detector, restorer, options
+
+
+def _print_summary(args: argparse.Namespace, stats, live_stats=None) -> None:
     if not args.quiet:
-        print(f"frvideo: model {model}, detector {detector.name}, device {device} "
-              f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
-    if args.live:
-        from .live import LiveOptions, run_live
-        live = LiveOptions(max_latency=(args.max_latency or DEFAULT_MAX_LATENCY_MS) / 1000.0,
-                           stats_interval=args.stats_interval, quiet=args.quiet)
-        stats, live_stats = run_live(args.input, args.output, restorer, detector, options, live,
-                                     faces_log=args.faces)
-    else:
-        stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
-    if not args.quiet:
-        if stats.input_ended:
+        if getattr(stats, "input_ended", None):
             print(f"frvideo: {args.input} ended: {stats.input_ended}", file=sys.stderr)
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
               f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
               f"{stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
-        if stats.stage_seconds and not args.live:  # (live: the model runs in its own thread)
+        if stats.stage_seconds and live_stats is None:  # (live: the model runs in its own thread)
             total = sum(stats.stage_seconds.values()) or 1.0
             print("frvideo: main-thread time: " + ", ".join(
                 f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
+        for line in _film_summary(stats):
+            print(f"frvideo: {line}", file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
-        if args.live:
+        if live_stats is not None:
             _print_live_summary(args, stats, live_stats)
-    return EXIT_OK
 
 
 def _check_diffusion_options(args, restorer) -> None:

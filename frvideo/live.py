@@ -456,7 +456,12 @@ def run_live(source: str, target: str, restorer, detector, options: PipelineOpti
 
     options = dataclasses.replace(options, lookahead=0)  # causal: nothing held back for look-ahead
     reader = open_reader(source, options.allow_damaged, options.input)
-    writer = open_writer(target, reader.info, options.encode, copy_from=reader if reader.single_pass else source)
+    info, frames = reader.info, reader
+    if getattr(options, "deinterlace", False):  # as run_file: one frame per frame, same timestamps
+        from .io.masters import FIELD_PROGRESSIVE, deinterlaced
+        frames = deinterlaced(reader, info.field_order, info.time_base)
+        info = dataclasses.replace(info, field_order=FIELD_PROGRESSIVE)
+    writer = open_writer(target, info, options.encode, copy_from=reader if reader.single_pass else source)
     log = FaceLogWriter(faces_log) if faces_log else None
     fps = float(reader.info.average_rate or 25)
     pipeline = FacePipeline(restorer, detector, options, fps, on_faces=log)
@@ -465,7 +470,7 @@ def run_live(source: str, target: str, restorer, detector, options: PipelineOpti
     ok = False
     try:
         warm_up(restorer, detector, options, fps, reader.first_frame)
-        driver.run(timed_frames(reader, pace, fps))
+        driver.run(timed_frames(frames, pace, fps))
         writer.finish()
         if log is not None:
             log.finish()

@@ -1,8 +1,9 @@
 """The streaming pipeline: decode -> detect+track -> align -> restore -> blend -> encode.
 
 Decoding and encoding run in their own threads, joined to the main thread by
-bounded queues, so memory stays flat however long the video is. The main
-thread detects and tracks faces frame by frame, queues aligned crops, and runs
+bounded queues, so memory stays flat however long the video is. A detection
+thread finds the faces of the next few frames while the main thread tracks
+faces frame by frame, queues aligned crops, and runs
 the restorer on batches of faces from several frames and tracks. A frame is
 handed to the encoder as soon as all its faces are back, always in order.
 
@@ -19,11 +20,14 @@ look-ahead (causal runs) the face is predicted from its last motion instead.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import queue
 import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -34,19 +38,21 @@ import torch
 from tqdm import tqdm
 
 from .errors import FrvideoError
+from .film import GRAY_MAX_FRAMES, GrainMatcher, frame_mask, looks_black_and_white
 from .faces.align import similarity_transforms, warp_faces
 from .faces.blend import change_to_frame, outline_mask
 from .faces.detail import BlendSettings, FaceBlend
 from .faces.detect import FaceDetector
 from .faces.tracker import FaceTracker, SceneCutDetector, TrackedFace, select_faces
 from .io import EncodeOptions, open_reader, open_writer
-from .io.frames import add_rgb_deltas, from_rgb, to_rgb, to_rgb8
+from .io.frames import _LUMA_WEIGHTS, add_rgb_deltas, from_rgb, matrix_and_range, to_rgb, to_rgb8
 from .io.reader import STDIO, InputOptions
 from .reference import Keyframe, KeyframeSelector
 from .restore import RestoreContext, Restorer
 from .temporal import FaceFilter, OneEuroLandmarks, TokenSmoother, centered_landmarks
 
 QUEUE_FRAMES = 8  # frames buffered between decode / main / encode threads
+DETECT_AHEAD = 4  # frames the detection thread may run ahead of tracking and restoration
 
 
 @dataclass
@@ -83,6 +89,12 @@ class PipelineOptions:
     reference: Optional[np.ndarray] = None  # a fixed aligned reference face for every track (else keyframes)
     reference_label: str = "reference image"  # how the summary names that fixed reference
     reference_prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None  # e.g. restore it with another backend
+    # film (frvideo/film.py, io/masters.py): black and white restored on luma only (None: detected
+    # from the first frames), grain matched around each face ("match") or not ("off"),
+    # deinterlacing before detection (files: run_file)
+    gray: Optional[bool] = None
+    grain: str = "off"
+    deinterlace: bool = False
 
 
 @dataclass
@@ -128,6 +140,10 @@ class RunStats:
     # wall seconds of the main thread per stage (detect = colour conversion, scene cut, detector,
     # tracker; align; model; filter = temporal face filter; blend; paste = back into the frame)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    gray: Optional[bool] = None  # restored on luma only (black and white)
+    gray_detected: bool = False  # ... decided from the first frames (not --gray/--no-gray)
+    grain_faces: int = 0  # faces that got grain (--grain match)
+    grain_sum: float = 0.0  # sum of the std of the grain they got (0-1 units)
 
     def timed(self, stage: str):
         return _StageTimer(self.stage_seconds, stage)
@@ -256,7 +272,9 @@ class FacePipeline:
         self.face_filter = FaceFilter(options.temporal_strength, options.temporal_threshold,
                                       options.temporal_guide, options.temporal_flow) \
             if options.temporal == "full" else None
-        self.blend = FaceBlend(self.size, BlendSettings(strength=options.strength, keep_detail=options.keep_detail))
+        self.blend = FaceBlend(self.size, BlendSettings(
+            strength=options.strength, keep_detail=options.keep_detail,
+            max_strength=restorer.max_strength))
         self.lookahead = options.lookahead if options.smooth_landmarks else 0
         # causal runs (--lookahead 0) hold no frame back; files wait long enough to bridge a gap
         self.causal = options.lookahead == 0
@@ -272,11 +290,49 @@ class FacePipeline:
         self._track_ids: set[int] = set()
         self.keyframes = KeyframeSelector(fixed=options.reference, fixed_label=options.reference_label,
                                           prepare=options.reference_prepare) if restorer.needs_reference else None
+        if options.grain not in ("off", "match"):
+            raise ValueError(f"grain must be off or match, not {options.grain!r}")
+        self.luma_only = options.gray  # None: decided on the first frames (process)
+        self.grain = GrainMatcher() if options.grain == "match" else None
 
     # one frame in: detection, tracking, bridging
-    def _detect(self, index: int, frame: av.VideoFrame) -> PendingFrame:
+    def _find_faces(self, frame: av.VideoFrame):
+        """The per-frame work that needs no state: runs in the detection thread."""
         rgb = to_rgb(frame)
         rgb8 = to_rgb8(rgb)
+        return frame, rgb, rgb8, self.detector.detect(rgb8)
+
+    def _detected_ahead(self, frames) -> Iterator[tuple]:
+        """Frames with their faces found, in order. Detection (colour conversion included) runs in
+        a thread of its own up to DETECT_AHEAD frames ahead, so the detector works on frame t+k
+        while the restorer works on the faces of frame t (torch and OpenCV release the GIL). Only
+        the stateless part runs there; tracking stays on the main thread, in frame order.
+        Causal runs (live streams, the Filter API) hand each frame on as soon as it is done, so
+        they detect in line: reading ahead would hold frames back for the frames after them."""
+        if self.causal:
+            for frame in frames:
+                with self.stats.timed("detect"):
+                    found = self._find_faces(frame)
+                yield found
+            return
+        ahead: deque = deque()
+        worker = ThreadPoolExecutor(1, thread_name_prefix="frvideo-detect")
+        try:
+            for frame in frames:
+                ahead.append(worker.submit(self._find_faces, frame))
+                if len(ahead) > DETECT_AHEAD:
+                    with self.stats.timed("detect"):  # the main thread's wait for the detector
+                        yield ahead.popleft().result()
+            while ahead:
+                with self.stats.timed("detect"):
+                    yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+            worker.shutdown(wait=True)
+
+    def _detect(self, index: int, found: tuple) -> PendingFrame:
+        frame, rgb, rgb8, detections = found
         if self.scene_cut(rgb8):
             self.tracker.reset()
             self.last_detected.clear()
@@ -286,7 +342,7 @@ class FacePipeline:
                 self.face_filter.reset()
             if self.one_euro is not None:
                 self.one_euro.reset()
-        tracked = self.tracker.update(self.detector.detect(rgb8))
+        tracked = self.tracker.update(detections)
         pending = PendingFrame(index, frame, rgb=rgb, faces=list(tracked))
         for face in tracked:
             if face.gap and not face.new_track:
@@ -418,6 +474,10 @@ class FacePipeline:
             out = self._run_model(faces, ctx, new_track)
         out = out.float().clamp(-1, 1)  # as the official scripts clamp
         faces = faces.float()
+        if torch.equal(out, faces):  # nothing restored (``none``, or a model that gave the input back)
+            for job in jobs:
+                job.strength, job.change, job.done = 0.0, None, True
+            return
         if self.face_filter is not None:
             with self.stats.timed("filter"):
                 out = self.face_filter(out, ctx.track_ids, new_track, inputs=faces)
@@ -454,9 +514,12 @@ class FacePipeline:
         if self.on_faces is not None:
             self.on_faces(p.index, p.faces, p.chosen)
         hw = p.frame.height, p.frame.width
-        deltas = [d for j in p.jobs if j.change is not None
+        deltas = [(j, d) for j in p.jobs if j.change is not None
                   and (d := change_to_frame(j.change, j.mask, j.transform, hw)) is not None]
-        frame = add_rgb_deltas(p.frame, deltas)  # no change: the decoded frame itself, bit for bit
+        if self.grain is not None and deltas:
+            deltas = self._add_grain(p, deltas)
+        # no change: the decoded frame itself, bit for bit; black and white: chroma as decoded
+        frame = add_rgb_deltas(p.frame, [d for _, d in deltas], luma_only=bool(self.luma_only))
         if self.opts.draw and p.faces:
             rgb = to_rgb(frame)
             draw_faces(rgb, p.faces)
@@ -464,7 +527,34 @@ class FacePipeline:
         p.rgb = None
         return frame
 
+    def _add_grain(self, p: PendingFrame, deltas: list) -> list:
+        """--grain match: each restored face gets the film grain measured around it (film.py)."""
+        self.grain.kr, self.grain.kb = _LUMA_WEIGHTS.get(matrix_and_range(p.frame)[0], (0.299, 0.114))
+        out = []
+        with self.stats.timed("grain"):
+            for job, (x0, y0, d) in deltas:
+                mask = frame_mask(job.mask, job.transform, (p.frame.height, p.frame.width))
+                if mask is not None and mask.shape == d.shape[:2]:
+                    d = self.grain.apply(p.rgb, x0, y0, d, mask, job.face.track_id, p.index, job.face.new_track)
+                    if self.grain.last_added > 0:
+                        self.stats.grain_faces += 1
+                        self.stats.grain_sum += self.grain.last_added
+                out.append((job, (x0, y0, d)))
+        return out
+
+    def _decide_gray(self, frames) -> Iterator[av.VideoFrame]:
+        """Black and white or colour, from the first frames (held back, then passed on)."""
+        frames = iter(frames)
+        # a causal (live) run holds nothing back: it judges the first frame alone
+        head = list(itertools.islice(frames, 1 if self.causal else GRAY_MAX_FRAMES))
+        self.luma_only, _ = looks_black_and_white(head)
+        self.stats.gray_detected = True
+        return itertools.chain(head, frames)
+
     def process(self, frames, on_frame: Optional[Callable[[int], None]] = None) -> Iterator[av.VideoFrame]:
+        if self.luma_only is None:
+            frames = self._decide_gray(frames)
+        self.stats.gray = bool(self.luma_only)
         window = self.window
         pending: deque[PendingFrame] = deque()  # aligned, waiting for restoration
         waiting: list[FaceJob] = []
@@ -492,9 +582,9 @@ class FacePipeline:
                 if on_frame:
                     on_frame(self.stats.faces)
 
-        for index, frame in enumerate(frames):
-            with self.stats.timed("detect"):
-                window.append(self._detect(index, frame))
+        for index, found in enumerate(self._detected_ahead(frames)):
+            with self.stats.timed("track"):
+                window.append(self._detect(index, found))
             yield from advance(flush=False)
         yield from advance(flush=True)
         self.stats.seconds = time.perf_counter() - start
@@ -527,7 +617,15 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
     reader = open_reader(source, options.allow_damaged, options.input)
     # a file's other streams are read again by the writer; a stream's are kept by the reader
     copy_from = reader if reader.single_pass else source
-    writer = open_writer(target, reader.info, options.encode, copy_from=copy_from)
+    info, frames = reader.info, reader
+    if options.deinterlace:  # one frame per frame, same timestamps; the output is progressive
+        from .io.masters import FIELD_PROGRESSIVE, deinterlaced
+        if info.field_order == FIELD_PROGRESSIVE:
+            print(f"frvideo: warning: {source} is flagged progressive; deinterlacing it anyway (--deinterlace)",
+                  file=sys.stderr)
+        frames = deinterlaced(reader, info.field_order, info.time_base)
+        info = dataclasses.replace(info, field_order=FIELD_PROGRESSIVE)
+    writer = open_writer(target, info, options.encode, copy_from=copy_from)
     log = FaceLogWriter(faces_log) if faces_log else None
     pipeline = FacePipeline(restorer, detector, options, float(reader.info.average_rate or 25), on_faces=log)
     stop = threading.Event()
@@ -546,7 +644,7 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
                 bar.set_postfix(faces=faces, refresh=False)
                 last[0] = now
 
-        for out_frame in pipeline.process(_threaded(reader, stop), progress):
+        for out_frame in pipeline.process(_threaded(frames, stop), progress):
             encoder.put(out_frame)
         encoder.close()
         writer.finish()

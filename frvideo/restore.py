@@ -94,6 +94,11 @@ class Restorer:
 
     # -- device / precision -----------------------------------------------------
     @property
+    def max_strength(self) -> float:
+        """The auto strength of a fully degraded face (the card's ``defaults: max_strength``)."""
+        return float(self.config.defaults.get("max_strength", 1.0))
+
+    @property
     def device(self) -> torch.device:
         p = next(self.net.parameters(), None)
         return p.device if p is not None else torch.device("cpu")

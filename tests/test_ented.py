@@ -386,3 +386,16 @@ def test_model_auto_never_picks_the_reference_based_model(frvideo_home):
     # ented ships in the package with a priority above lite, yet --model auto skips it (reference-based
     # backends only run when named); which shipped model auto picks (lite, ldbfr) is not this test's concern
     assert auto_model_name() not in ("ented", "ented-paper")
+
+
+def test_codebook_scores_of_a_float_latent_with_a_bf16_codebook():
+    """--precision auto picks bf16 where the CPU has bf16 units: the backends then score a float
+    latent against a bf16 codebook (distances in fp32 so near-ties are decided exactly)."""
+    from frvideo.nn.quantizer import VectorQuantizer
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 8)
+    z = torch.randn(2, 8, 4, 4)
+    want = q.scores(z)
+    got = q.to(torch.bfloat16).scores(z)
+    assert got.dtype == torch.float32
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

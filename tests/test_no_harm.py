@@ -50,7 +50,7 @@ class _Texture:
     blend keeps: more detail than the input has, in the colours the input has)."""
 
     name, input_size, has_codebook, needs_reference, stochastic = "texture", 64, False, False, False
-    device, dtype = torch.device("cpu"), torch.float32
+    device, dtype, max_strength = torch.device("cpu"), torch.float32, 1.0
 
     def restore(self, faces, ctx):
         yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
@@ -227,6 +227,17 @@ def test_auto_strength_leaves_a_clean_face_and_restores_a_degraded_one():
     mask = torch.ones(1, 1, 256, 256)
     strengths = [float(blend.strength(blend.degradation((_t(x) + 1) / 2, mask))) for x in (clean, blurred, noisy)]
     assert strengths[0] < 0.2 and strengths[1] > 0.8 and strengths[2] > 0.8, strengths
+    # a model card's max_strength is the auto strength of a fully degraded face; --strength overrides it
+    capped = FaceBlend(256, BlendSettings(max_strength=0.4))
+    deg = capped.degradation((_t(blurred) + 1) / 2, mask)
+    assert float(capped.strength(deg)) == pytest.approx(0.4 * strengths[1], abs=1e-6)
+    assert float(FaceBlend(256, BlendSettings(strength=0.9, max_strength=0.4)).strength(deg)) == pytest.approx(0.9)
+
+
+def test_shipped_cards_cap_auto_strength():
+    from frvideo.restore import load_restorer
+    assert load_restorer("none").max_strength == 1.0
+    assert load_restorer("lite").max_strength == 0.4
 
 
 def test_blend_keeps_input_colour_and_detail():

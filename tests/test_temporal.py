@@ -281,7 +281,7 @@ class _InventingRestorer:
     """Test double: a restorer that invents a new fine texture on the face every call."""
 
     name, input_size, has_codebook, needs_reference, stochastic = "inventing", 64, False, False, False
-    device, dtype = torch.device("cpu"), torch.float32
+    device, dtype, max_strength = torch.device("cpu"), torch.float32, 1.0
 
     def __init__(self):
         self.g = torch.Generator().manual_seed(3)

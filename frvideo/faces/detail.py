@@ -55,6 +55,10 @@ class Degradation:
 @dataclass
 class BlendSettings:
     strength: Optional[float] = None  # None = auto (from the input's degradation)
+    # auto strength of a fully degraded face: the model card's ``max_strength``. Past it a model
+    # moves faces away from their person faster than it brings them closer to the clean face
+    # (bench/quality.py: identity distance), so auto never goes there
+    max_strength: float = 1.0
     keep_detail: bool = True
     match_colour: bool = True
     # auto strength: full strength at or below sharp_lo, none at or above sharp_hi ...
@@ -154,7 +158,7 @@ class FaceBlend:
             return torch.full_like(deg.noise, float(s.strength))
         blur = ((s.sharp_hi - deg.sharpness) / (s.sharp_hi - s.sharp_lo)).clamp(0, 1)
         noise = ((deg.noise - s.noise_lo) / (s.noise_hi - s.noise_lo)).clamp(0, 1)
-        return torch.maximum(blur, noise)
+        return torch.maximum(blur, noise) * s.max_strength
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
         """x: input crops, y: restored crops (B x 3 x S x S in [-1, 1]); mask: B x 1 x S x S.

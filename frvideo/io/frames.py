@@ -153,7 +153,16 @@ def _subsample(delta: np.ndarray, x0: int, y0: int, sx: int, sy: int, height: in
     return cx0, cy0, cells
 
 
-def add_rgb_deltas(original: av.VideoFrame, deltas: Iterable[tuple[int, int, np.ndarray]]) -> av.VideoFrame:
+def _luma_plane_alone(fmt: av.VideoFormat) -> bool:
+    """Plane 0 holds luma and nothing else (planar and semi-planar YUV, gray)."""
+    comps = fmt.components
+    return (not fmt.is_big_endian and not fmt.has_palette and not fmt.is_bayer and not fmt.is_bit_stream
+            and comps[0].is_luma and comps[0].plane == 0 and comps[0].bits <= 16
+            and not any(c.plane == 0 for c in comps[1:]))
+
+
+def add_rgb_deltas(original: av.VideoFrame, deltas: Iterable[tuple[int, int, np.ndarray]],
+                   luma_only: bool = False) -> av.VideoFrame:
     """A new frame: ``original`` plus RGB changes, written into its own planes.
 
     ``deltas``: (x0, y0, d) with d an h x w x 3 float32 change in RGB on the [0, 1] scale,
@@ -164,12 +173,21 @@ def add_rgb_deltas(original: av.VideoFrame, deltas: Iterable[tuple[int, int, np.
     re-sampled through a YUV -> RGB -> YUV round trip either. Formats this does not know
     (semi-planar, palette, big-endian) go through RGB conversion of the touched boxes
     (:func:`from_rgb`). Keeps pts, time base and colour tags.
+
+    ``luma_only`` (black-and-white video): only the luma of the change is added; the chroma
+    planes stay bit for bit as decoded (packed RGB: the luma change goes to R, G and B alike,
+    so a gray pixel stays gray).
     """
     deltas = [(x0, y0, d) for x0, y0, d in deltas if d.size]
     if not deltas:
         return original
     fmt = original.format
     layout = _delta_layout(fmt)
+    if luma_only and layout != "rgb" and _luma_plane_alone(fmt):
+        layout = "gray"  # nv12/p010 too: only plane 0 is touched
+    elif luma_only and layout is None:
+        # no luma plane of its own (gbrp, ...): add the change's luma to each channel alike
+        deltas = [(x0, y0, np.repeat(_luma_of(d, original)[..., None], 3, axis=2)) for x0, y0, d in deltas]
     if layout is None:
         return _add_by_conversion(original, deltas)
     out = av.VideoFrame(original.width, original.height, fmt.name)
@@ -182,6 +200,8 @@ def add_rgb_deltas(original: av.VideoFrame, deltas: Iterable[tuple[int, int, np.
         order = _PACKED_RGB[fmt.name]
         values = _plane_values(out, 0, bits)[:, :3 * original.width].reshape(original.height, original.width, 3)
         for x0, y0, d in deltas:
+            if luma_only:
+                d = np.repeat(_luma_of(d, original)[..., None], 3, axis=2)
             _add_to(values, x0, y0, d[..., order] * top, top)
     else:
         matrix, rng = matrix_and_range(original)
@@ -207,6 +227,12 @@ def add_rgb_deltas(original: av.VideoFrame, deltas: Iterable[tuple[int, int, np.
                     _add_to(plane, cx0, cy0, cells * c_scale, top)
     _copy_frame_props(original, out)
     return out
+
+
+def _luma_of(d: np.ndarray, frame: av.VideoFrame) -> np.ndarray:
+    """The luma (Y') of an RGB change, with the frame's own matrix weights."""
+    kr, kb = _LUMA_WEIGHTS.get(matrix_and_range(frame)[0], _LUMA_WEIGHTS[Colorspace.ITU601])
+    return d[..., 0] * kr + d[..., 1] * (1.0 - kr - kb) + d[..., 2] * kb
 
 
 def _add_by_conversion(original: av.VideoFrame, deltas) -> av.VideoFrame:

@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 import av
 
 from ..errors import InputError, UsageError
+from .masters import FIELD_TT, FIELD_UNKNOWN, read_timecode
 
 STDIO = "-"
 
@@ -51,6 +52,8 @@ class VideoInfo:
     bit_depth: int
     sample_aspect_ratio: Optional[Fraction]
     copy_streams: int  # audio/subtitle/data streams in the input
+    field_order: int = 0  # AVFieldOrder: 0 unknown, 1 progressive, 2 tt, 3 bb, 4 tb, 5 bt (io/masters.py)
+    timecode: Optional[str] = None  # start timecode (MOV tmcd track, MKV TIMECODE tag), e.g. 01:00:00:00
 
 
 @dataclass
@@ -359,6 +362,8 @@ class VideoReader:
             bit_depth=_bit_depth(f.format.name),
             sample_aspect_ratio=self.stream.sample_aspect_ratio,
             copy_streams=sum(1 for s in self.container.streams if s.type != "video"),
+            field_order=_field_order(cc.field_order, f),
+            timecode=read_timecode(self.container, self.stream),
         )
 
     @property
@@ -403,6 +408,15 @@ class VideoReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _field_order(stream_order: int, first: av.VideoFrame) -> int:
+    """The stream's field order; a stream that does not say but whose frames are flagged interlaced
+    is taken as top field first (PyAV does not show the frames' own top-field-first flag)."""
+    order = int(stream_order or 0)
+    if order == FIELD_UNKNOWN and getattr(first, "interlaced_frame", False):
+        return FIELD_TT
+    return order
 
 
 def _name(source: str) -> str:

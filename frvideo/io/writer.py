@@ -35,6 +35,7 @@ import av
 
 from .. import interrupt
 from ..errors import OutputError, UsageError
+from . import masters
 from .reader import STDIO, VideoInfo, is_url
 
 try:
@@ -171,8 +172,9 @@ class EncodeOptionError(UsageError):
 
 def _choose_codec(input_codec: str, opts: EncodeOptions, ext: str, supported: set) -> str:
     if opts.codec is not None:
+        name = masters.encoder_name(opts.codec)  # prores -> prores_ks
         try:
-            codec = av.codec.Codec(opts.codec, "w")
+            codec = av.codec.Codec(name, "w")
         except Exception:
             raise EncodeOptionError("codec", f"unknown video encoder {opts.codec!r} "
                                              f"(try libx264, libx265, prores_ks, ffv1)") from None
@@ -181,8 +183,10 @@ def _choose_codec(input_codec: str, opts: EncodeOptions, ext: str, supported: se
         if ext == ".y4m" and codec.name != "rawvideo":
             raise EncodeOptionError("codec", f"a y4m output holds raw video only, not {opts.codec}")
         if ext not in (".y4m", ".nut") and supported and codec.name not in supported:
-            raise EncodeOptionError("codec", f"the {ext} container cannot hold {opts.codec} video")
-        return opts.codec
+            hint = {"ffv1": " (an FFV1 master goes in .mkv)", "prores_ks": " (a ProRes master goes in .mov)"}.get(
+                codec.name, "")
+            raise EncodeOptionError("codec", f"the {ext} container cannot hold {opts.codec} video{hint}")
+        return name
     wanted = FOLLOW_INPUT.get(input_codec)
     if ext == ".y4m":
         return "rawvideo"
@@ -203,6 +207,10 @@ def _choose_pix_fmt(codec_name: str, info: VideoInfo, opts: EncodeOptions, warn:
             raise EncodeOptionError("pix_fmt", f"{codec_name} cannot encode pixel format {opts.pix_fmt} "
                                                f"(it takes: {', '.join(formats)})")
         return opts.pix_fmt
+    if opts.codec is not None and codec_name in masters.MASTER_CODECS:
+        master = masters.master_pix_fmt(codec_name, info.pix_fmt, formats)  # 10-bit 4:2:2 or richer
+        if master is not None:
+            return master
     if codec_name in ("libx264", "libx265") and (info.width % 2 or info.height % 2) \
             and not info.pix_fmt.startswith(("yuv444", "gbr", "gray")):
         # x264/x265 reject odd sizes in subsampled chroma; 4:4:4 keeps every pixel and the bit depth
@@ -234,9 +242,11 @@ def streaming_options(codec: str, rate: Fraction) -> dict[str, str]:
     return options
 
 
-def encoder_options(codec: str, opts: EncodeOptions) -> dict[str, str]:
-    """The options dict handed to the encoder: crf/preset (given or the codec's default) and extras."""
-    options = {}
+def encoder_options(codec: str, opts: EncodeOptions, width: int = 64, height: int = 64,
+                    pix_fmt: str = "yuv422p10le") -> dict[str, str]:
+    """The options dict handed to the encoder: a master's settings (FFV1/ProRes, io/masters.py),
+    crf/preset (given or the codec's default) and extras."""
+    options = masters.master_options(codec, width, height, pix_fmt)
     crf = opts.crf if opts.crf is not None else DEFAULT_CRF.get(codec)
     if crf is not None:
         options["crf"] = format(crf, "g")
@@ -309,7 +319,7 @@ def check_encode_options(target: str, opts: EncodeOptions, input_codec: str = ""
         low, high = CRF_RANGE[codec]
         if not low <= opts.crf <= high:
             raise EncodeOptionError("crf", f"{codec} takes a crf in [{low}, {high}], not {format(opts.crf, 'g')}")
-    options = encoder_options(codec, opts)
+    options = encoder_options(codec, opts, info.width, info.height, pix_fmt)
     cc = av.CodecContext.create(codec, "w")
     cc.width, cc.height, cc.pix_fmt = info.width, info.height, pix_fmt
     cc.time_base, cc.framerate = Fraction(1, 25), Fraction(25)
@@ -405,6 +415,8 @@ def _copy_streams(streams, out: av.container.OutputContainer, ext: str) -> dict:
     supported = _holds(out)
     for s in streams:
         name = s.codec_context.name if s.codec_context else None
+        if s.type == "data" and any(k.lower() == "timecode" for k in s.metadata):
+            continue  # a MOV tmcd track: the writer gives the output its own (VideoWriter._setup)
         if s.type == "video" or name is None or (ext != ".nut" and name not in supported):
             why = "y4m carries video only (--format nut keeps audio)" if ext == ".y4m" else \
                 f"the {ext or 'output'} container cannot hold it"
@@ -553,7 +565,11 @@ class VideoWriter:
             cc.sample_aspect_ratio = info.sample_aspect_ratio
         cc.color_range, cc.colorspace = info.color_range, info.colorspace
         cc.color_primaries, cc.color_trc = info.color_primaries, info.color_trc
-        cc.options = {**(streaming_options(codec, rate) if self.streaming else {}), **encoder_options(codec, opts)}
+        cc.options = {**(streaming_options(codec, rate) if self.streaming else {}),
+                      **encoder_options(codec, opts, info.width, info.height, self.pix_fmt)}
+        self.fields = self._set_field_order(cc, codec)
+        if info.timecode:  # MOV/MP4: a tmcd track; MKV: a TIMECODE tag; others ignore it
+            stream.metadata["timecode"] = info.timecode
         from . import codec_threads
         if codec_threads():
             cc.thread_count = codec_threads()
@@ -570,8 +586,32 @@ class VideoWriter:
         self.count = 0
         self.last_pts: Optional[int] = None
 
+    # encoders that code interlaced pictures as two fields only when asked to (per frame the
+    # field flags then say which comes first); FFV1 just records the flags
+    FIELD_CODING = {"libx264", "prores_ks", "mpeg2video", "dnxhd"}
+
+    def _set_field_order(self, cc, codec: str) -> Optional[masters.FieldFlagger]:
+        """The output keeps the source's field order (``info.field_order``; progressive after
+        --deinterlace). Interlaced: the stream is tagged, field coding is switched on, and each
+        frame is flagged by FFmpeg's setfield filter (returned)."""
+        order = self.info.field_order
+        if order == masters.FIELD_PROGRESSIVE:
+            cc.field_order = order
+            return None
+        if not masters.is_interlaced(order):
+            return None
+        cc.field_order = order
+        if codec in self.FIELD_CODING:
+            flags = av.codec.context.Flags
+            cc.flags |= flags.interlaced_dct | flags.interlaced_me
+        return masters.FieldFlagger(order, self.info.time_base, self.pix_fmt)
+
     def write(self, frame: av.VideoFrame) -> None:
-        if frame.format.name != self.pix_fmt:
+        if self.fields is not None:  # interlaced: field-aware chroma resampling, then the field flags
+            src = frame
+            frame = self.fields(frame)
+            frame.pts, frame.time_base = src.pts, src.time_base
+        elif frame.format.name != self.pix_fmt:
             src = frame
             frame = frame.reformat(format=self.pix_fmt, threads=1)  # no swscale thread pool per frame
             frame.pts, frame.time_base = src.pts, src.time_base

@@ -22,7 +22,9 @@ class VectorQuantizer(nn.Module):
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         """B x D x H x W latent -> B x (H*W) x K negative squared distances to each code."""
         flat = z.flatten(2).transpose(1, 2)  # B x N x D
-        codes = self.embedding.weight
+        # in the latent's precision: callers pass float latents so that near-ties between codes are
+        # decided in fp32 even when the network runs in bf16
+        codes = self.embedding.weight.to(z.dtype)
         # |z - e|^2 expanded, so no B x N x K x D tensor is formed
         dist = (flat**2).sum(-1, keepdim=True) + (codes**2).sum(-1) - 2 * flat @ codes.t()
         return -dist
