@@ -249,7 +249,7 @@ class LiveDriver:
                         self._wake()
                         continue
                     slot.state = "detecting"
-                p = self.pipeline._detect(slot.pending.index, slot.pending.frame)
+                p = self.pipeline._detect(slot.pending.index, self.pipeline._find_faces(slot.pending.frame))
                 self.pipeline._align(p, [])
                 p.rgb = None  # only detection and alignment (done) read it
                 self.detect_s = (1 - EMA) * self.detect_s + EMA * (time.monotonic() - t0)
