@@ -68,8 +68,10 @@ def build_parser() -> _Parser:
     p = _Parser(prog="frvideo", description="Restore faces in a video, streaming. Other commands: "
                 "`frvideo models` (list/fetch weights), `frvideo metrics REF OUT` (flicker, PSNR/SSIM), "
                 "`frvideo dataset SRC... --out DIR` (face crops for training), `frvideo train CONFIG.yaml`.")
-    p.add_argument("input", help="input video file, URL, or - for a y4m stream on stdin")
-    p.add_argument("output", help="output file (container from the extension), or - for y4m on stdout")
+    p.add_argument("input", help="input video file, URL (udp://, tcp://, rtmp://, http://, ...), or - for a y4m "
+                                 "or nut stream on stdin")
+    p.add_argument("output", help="output file (container from the extension), URL, or - for y4m (--format nut: "
+                                  "nut, with audio) on stdout")
     p.add_argument("--version", action="version", version=f"frvideo {__version__}")
     add_restore_options(p)
     return p
@@ -148,6 +150,7 @@ def add_restore_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="encoder preset (default medium)")
     g.add_argument("--pix-fmt", help="output pixel format (default: the input's, so bit depth is kept)")
     _add_film_arguments(p)
+    _add_stream_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML file of options, or a preset name from configs/presets/")
     g.add_argument("--ignore-damage", action="store_true",
@@ -180,6 +183,78 @@ def _film_summary(stats) -> list[str]:
     return lines
 
 
+# -- streams and --live (see live.py) ---------------------------------------------
+
+def _key_value(text: str) -> tuple[str, str]:
+    """--input-option / --output-option: KEY=VALUE, handed to FFmpeg as it is."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. listen=1)")
+    return key.strip(), value
+
+
+_latency_ms = number(float, 1.0, 60000.0)
+_timeout_s = number(float, 0.0, 86400.0)
+_stats_s = number(float, 0.0, 86400.0)
+DEFAULT_MAX_LATENCY_MS = 200.0
+
+
+def _add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("streams")
+    g.add_argument("--input-format", metavar="FMT",
+                   help="FFmpeg demuxer or capture device of the input (e.g. mpegts on stdin, lavfi, v4l2); "
+                        "default: probed (stdin: y4m or nut, from its first bytes)")
+    g.add_argument("--input-option", type=_key_value, action="append", default=[], metavar="K=V",
+                   help="FFmpeg option for opening the input, e.g. listen=1 for an rtmp:// server (repeatable)")
+    g.add_argument("--input-timeout", type=_timeout_s, default=10.0, metavar="S",
+                   help="a network input silent this many seconds ends the run cleanly (the output is "
+                        "finished, exit 0); also the wait for it to start; 0 = wait forever (default 10)")
+    g.add_argument("--format", metavar="FMT",
+                   help="container of a URL or stdout output: y4m, nut (keeps audio), mpegts, flv, ... "
+                        "(default: y4m on stdout, mpegts for udp/tcp, flv for rtmp)")
+    g.add_argument("--output-option", type=_key_value, action="append", default=[], metavar="K=V",
+                   help="FFmpeg option for opening the output, e.g. pkt_size=1316 (repeatable)")
+    g = p.add_argument_group("live")
+    g.add_argument("--live", action="store_true",
+                   help="keep the input's pace: causal (no look-ahead), every frame out within --max-latency, "
+                        "late faces carried from their track's last restoration or passed through; a file "
+                        "input is paced at its frame rate")
+    g.add_argument("--max-latency", type=_latency_ms, default=None, metavar="MS",
+                   help=f"--live: latency budget per frame in milliseconds (default {DEFAULT_MAX_LATENCY_MS:g})")
+    g.add_argument("--stats-interval", type=_stats_s, default=5.0, metavar="S",
+                   help="--live: seconds between stats lines on stderr (0 = only the summary; default 5)")
+
+
+def _check_stream_args(args: argparse.Namespace, check: "_OptionCheck", explicit: set) -> None:
+    """The streams/live options: formats FFmpeg has, and what --live cannot take."""
+    import av
+
+    if args.input_format is not None:
+        try:
+            if not av.format.ContainerFormat(args.input_format, "r").is_input:
+                raise ValueError(args.input_format)
+        except ValueError:
+            check.fail("input_format", f"FFmpeg cannot read {args.input_format!r} here "
+                                       f"(e.g. mpegts, nut, flv, lavfi; capture devices where FFmpeg has them)")
+    if not args.live:
+        if args.max_latency is not None:
+            check.fail("max_latency", "applies with --live")
+        return
+    if "lookahead" in explicit and args.lookahead:
+        check.fail("lookahead", "--live is causal: it takes no look-ahead (leave --lookahead out or give 0)")
+
+
+def _stream_options(args: argparse.Namespace):
+    from .io.reader import InputOptions
+    return InputOptions(format=args.input_format, options=dict(args.input_option), timeout=args.input_timeout,
+                        announce=not args.quiet)
+
+
+def _print_live_summary(args, stats, live_stats) -> None:
+    from .live import describe
+    print(f"frvideo: live: {describe(live_stats, live_stats.seconds)}", file=sys.stderr)
+
+
 NOT_IN_CONFIG = ("input", "output", "config", "help", "version")
 
 
@@ -200,6 +275,14 @@ def _config_value(action: argparse.Action, key: str, value, source: str):
         raise bad("has no value (remove the line to keep the default)")
     if isinstance(value, bool):
         raise bad(f"must be a value, not {str(value).lower()} (only on/off options take true/false)")
+    if isinstance(action, argparse._AppendAction):  # --input-option: one K=V text or a list of them
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise bad(f"must be KEY=VALUE texts, not {value!r}")
+        try:
+            return [action.type(str(v)) for v in items]
+        except argparse.ArgumentTypeError as exc:
+            raise bad(str(exc)) from None
     if isinstance(value, list):
         if action.type is not _track_list:
             raise bad(f"must be a single value, not a list {value!r}")
@@ -304,21 +387,23 @@ def validate_restore_args(args: argparse.Namespace, origin: dict[str, str]) -> d
 
     check = _OptionCheck(origin)
     _check_not_empty(args, check)
-    check_input_source(args.input)
+    check_input_source(args.input, args.input_format)
     if args.input != STDIO and args.output != STDIO and not is_url(args.input) and Path(args.input).exists():
         out = Path(args.output)
         if out.exists() and os.path.samefile(out, args.input) or out.resolve() == Path(args.input).resolve():
             raise UsageError("output would overwrite the input; choose another output path")
-    check_output_target(args.output)
+    check_output_target(args.output, args.format)
     if args.faces is not None:
         from .faces.facelog import check_face_log_target
         check_face_log_target(args.faces, args.output)
 
     checked = validate_model_args(args, check)
 
-    probed = probe_input(args.input)  # (codec, pix_fmt) from a file's header; None for pipes
+    # (codec, pix_fmt) from a file's header; None for pipes, URLs and what --input-format names
+    probed = probe_input(args.input) if args.input_format is None else None
     input_codec, input_pix_fmt = probed or (("rawvideo", "yuv420p") if args.input == STDIO else ("", "yuv420p"))
-    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt)
+    encode = EncodeOptions(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
+                           format=args.format, muxer_options=dict(args.output_option))
     try:
         check_encode_options(args.output, encode, input_codec, input_pix_fmt)
     except EncodeOptionError as exc:
@@ -441,19 +526,25 @@ def restore_command(argv: list[str]) -> int:
     _import_heavy()
     from .pipeline import run_file
 
-    checked = validate_restore_args(args, origin)
-    device, dtype, model = checked["device"], checked["dtype"], checked["model"]
-    from .hardware import apply_threads, default_threads
-    threads = args.threads or default_threads()
-    apply_threads(threads)
-    _quiet_opencv()
-    detector, restorer, options = load_pipeline(args, checked)
+    _check_stream_args(args, _OptionCheck(origin), _explicit_dests(argv) | set(origin))
+    setup = prepare_restore(args, origin)
+    device, dtype, model, threads = setup.device, setup.dtype, setup.model, setup.threads
+    detector, restorer, options = setup.detector, setup.restorer, setup.options
+    options.input = _stream_options(args)
     note = f"{model}/{detector.name} on {device}"
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
               f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
-    stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
-    _print_summary(args, stats)
+    live_stats = None
+    if args.live:
+        from .live import LiveOptions, run_live
+        live = LiveOptions(max_latency=(args.max_latency or DEFAULT_MAX_LATENCY_MS) / 1000.0,
+                           stats_interval=args.stats_interval, quiet=args.quiet)
+        stats, live_stats = run_live(args.input, args.output, restorer, detector, options, live,
+                                     faces_log=args.faces)
+    else:
+        stats = run_file(args.input, args.output, restorer, detector, options, note, faces_log=args.faces)
+    _print_summary(args, stats, live_stats)
     return EXIT_OK
 
 
@@ -514,12 +605,14 @@ def prepare_restore(args: argparse.Namespace, origin: dict[str, str], loaded: di
     return RestoreSetup(checked["model"], checked["device"], checked["dtype"], threads, detector, restorer, options)
 
 
-def _print_summary(args: argparse.Namespace, stats) -> None:
+def _print_summary(args: argparse.Namespace, stats, live_stats=None) -> None:
     if not args.quiet:
+        if getattr(stats, "input_ended", None):
+            print(f"frvideo: {args.input} ended: {stats.input_ended}", file=sys.stderr)
         print(f"frvideo: {stats.frames} frames ({stats.frames_with_faces} with faces, {stats.frames_bridged} "
               f"bridged), {stats.faces} faces in {stats.tracks} tracks, mean strength {stats.mean_strength:.2f}, "
               f"{stats.fps:.1f} fps -> {args.output}", file=sys.stderr)
-        if stats.stage_seconds:
+        if stats.stage_seconds and live_stats is None:  # (live: the model runs in its own thread)
             total = sum(stats.stage_seconds.values()) or 1.0
             print("frvideo: main-thread time: " + ", ".join(
                 f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in stats.stage_seconds.items()), file=sys.stderr)
@@ -527,6 +620,8 @@ def _print_summary(args: argparse.Namespace, stats) -> None:
             print(f"frvideo: {line}", file=sys.stderr)
         for line in stats.references:  # reference-based models: the keyframe each track was restored with
             print(f"frvideo: {line}", file=sys.stderr)
+        if live_stats is not None:
+            _print_live_summary(args, stats, live_stats)
 
 
 def _check_diffusion_options(args, restorer) -> None:

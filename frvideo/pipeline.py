@@ -45,7 +45,7 @@ from .faces.detect import FaceDetector
 from .faces.tracker import FaceTracker, SceneCutDetector, TrackedFace, select_faces
 from .io import EncodeOptions, open_reader, open_writer
 from .io.frames import _LUMA_WEIGHTS, add_rgb_deltas, from_rgb, matrix_and_range, to_rgb, to_rgb8
-from .io.reader import STDIO, is_url
+from .io.reader import STDIO, InputOptions
 from .reference import Keyframe, KeyframeSelector
 from .restore import RestoreContext, Restorer
 from .temporal import FaceFilter, OneEuroLandmarks, TokenSmoother, centered_landmarks
@@ -79,6 +79,7 @@ class PipelineOptions:
     quiet: bool = False
     allow_damaged: bool = False
     encode: EncodeOptions = field(default_factory=EncodeOptions)
+    input: InputOptions = field(default_factory=InputOptions)  # --input-format/-option/-timeout
     # diffusion backends (LD-BFR): sampling steps (None = the card's) and fresh noise per frame
     # instead of noise locked per track (only to measure what the locking buys)
     steps: Optional[int] = None
@@ -133,6 +134,7 @@ class RunStats:
     faces_changed: int = 0  # faces the restoration actually changed
     strength_sum: float = 0.0  # of the faces restored (mean = strength_sum / faces)
     seconds: float = 0.0
+    input_ended: Optional[str] = None  # a network input that ended by silence or hang-up: why
     references: list[str] = field(default_factory=list)  # reference-based backends: keyframe per track
     # wall seconds of the main thread per stage (detect = colour conversion, scene cut, detector,
     # tracker; align; model; filter = temporal face filter; blend; paste = back into the frame)
@@ -281,6 +283,8 @@ class FacePipeline:
         self.last_detected: dict[int, tuple[PendingFrame, TrackedFace]] = {}  # track id -> its last detection
         self.window: deque[PendingFrame] = deque()  # detected, waiting for look-ahead (and gaps to close)
         self.on_faces = on_faces
+        # a driver that restores in another thread (live.py) forgets ended tracks there instead
+        self.forget_in_align = True
         self.stats = RunStats()
         self._track_ids: set[int] = set()
         self.keyframes = KeyframeSelector(fixed=options.reference, fixed_label=options.reference_label,
@@ -429,7 +433,8 @@ class FacePipeline:
             live = {t.id for t in self.tracker.tracks}
             self.history = {k: v for k, v in self.history.items() if k in live}
             self.last_detected = {k: v for k, v in self.last_detected.items() if k in live}
-        self._forget_ended_tracks()
+        if self.forget_in_align:
+            self._forget_ended_tracks()
 
     def _forget_ended_tracks(self) -> None:
         """Drop the token/face-filter state of tracks the tracker has dropped. Without this it
@@ -646,8 +651,10 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
     what the pipeline was fed)."""
     from .faces.facelog import FaceLogWriter
 
-    reader = open_reader(source, options.allow_damaged)
-    copy_from = source if source != STDIO and not is_url(source) and span is None else None
+    reader = open_reader(source, options.allow_damaged, options.input)
+    # a file's other streams are read again by the writer; a stream's are kept by the reader; a
+    # segment of a batch gets its audio when the segments are joined
+    copy_from = None if span is not None else reader if reader.single_pass else source
     info, frames = reader.info, reader
     if span is not None:  # a batch segment: decoding from the keyframe before its warm-up
         if span.seek_frame:
@@ -692,6 +699,7 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
         writer.finish()
         if log is not None:
             log.finish()
+        pipeline.stats.input_ended = reader.ended_by
         ok = True
     finally:
         stop.set()

@@ -203,11 +203,13 @@ def test_preset_and_bad_calls(env):
     from frvideo import Filter
 
     rgb = decode(env["bgr0"])[0].to_ndarray(format="rgb24")
-    flt = Filter(model="none", config="live")  # the live preset: yunet, batch 1, lookahead 0
-    assert flt.detector == "yunet" and flt.options.batch_size == 1 and flt.options.lookahead == 0
-    if (WEIGHTS / "detection_mobilenet0.25_Final.pth").exists():  # the keyword wins over the preset
-        with Filter(model="none", config="live", detector="auto") as other:
-            assert other.detector == "retinaface-mobile"
+    # the live preset: batch 1, lookahead 0, and no detector named (auto: the best one installed)
+    flt = Filter(model="none", config="live")
+    assert flt.options.batch_size == 1 and flt.options.lookahead == 0
+    if (WEIGHTS / "detection_mobilenet0.25_Final.pth").exists():
+        assert flt.detector == "retinaface-mobile"
+        with Filter(model="none", config="live", detector="yunet") as other:  # the keyword wins over the preset
+            assert other.detector == "yunet"
     assert "H x W x 3" in one_line_error(UsageError, flt.process, rgb[..., 0])
     assert "H x W x 3" in one_line_error(UsageError, flt.process, rgb.astype(np.float32))
     assert "numpy array or an av.VideoFrame" in one_line_error(UsageError, flt.process, [1, 2, 3])

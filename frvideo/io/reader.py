@@ -1,15 +1,27 @@
 """Decoding: frames keep their pts/time base and colour tags untouched.
 
-``open_reader`` accepts a file path, ``-`` (a y4m stream on stdin) or a URL
-that FFmpeg can open. Frames are yielded as ``av.VideoFrame`` so a frame the
-pipeline does not touch can be encoded from exactly the decoded planes.
+``open_reader`` accepts a file path, ``-`` (a y4m or nut stream on stdin, told
+apart by their magic bytes), a URL that FFmpeg can open (udp, tcp, rtmp, http,
+HLS, ...) or, with ``InputOptions.format``, anything that demuxer or capture
+device takes (``lavfi`` graphs, ``v4l2`` devices where FFmpeg has them).
+Frames are yielded as ``av.VideoFrame`` so a frame the pipeline does not touch
+can be encoded from exactly the decoded planes.
+
+An input that cannot be opened twice (stdin, a FIFO, a URL, a device) has its
+audio, subtitle and data packets kept by the reader itself, in demux order, for
+the writer to interleave with the video (``take_side_streams``); a regular file
+is read a second time by the writer instead. A network input that stays silent
+for ``InputOptions.timeout`` seconds, or whose sender hangs up, ends like a file
+ends: the frames so far are the whole stream.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+import threading
+from collections import deque
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Optional
@@ -44,8 +56,27 @@ class VideoInfo:
     timecode: Optional[str] = None  # start timecode (MOV tmcd track, MKV TIMECODE tag), e.g. 01:00:00:00
 
 
+@dataclass
+class InputOptions:
+    """How to open an input beyond its name (``--input-format``, ``--input-option``, ``--input-timeout``)."""
+
+    format: Optional[str] = None  # the demuxer or capture device; None: probe (stdin: y4m or nut)
+    options: dict = field(default_factory=dict)  # FFmpeg demuxer/protocol options, e.g. {"listen": "1"}
+    timeout: float = 10.0  # seconds a network input may stay silent before the run ends cleanly; 0 = forever
+    announce: bool = False  # say on stderr when a network input starts waiting for its stream
+
+
 def is_url(source: str) -> bool:
     return "://" in source and not os.path.exists(source)
+
+
+# Magic bytes of the stream formats told apart on stdin.
+STDIN_MAGIC = {b"YUV4MPEG2": "yuv4mpegpipe", b"nut/multimedia container\0": "nut"}
+
+
+def is_listening(options: dict) -> bool:
+    """A server input (rtmp/tcp ``listen=1``): it waits for its client without a time limit."""
+    return str(options.get("listen", "0")).strip() not in ("", "0")
 
 
 # Demuxers of raw frames: a stream of these that stops inside a frame loses it silently
@@ -63,7 +94,21 @@ class _CountingReader:
         self.eof = False
         self.interrupted: Optional[BaseException] = None
 
+    def peek(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer at end of stream), handed out again by the next reads."""
+        try:
+            head = self.raw.read(n)
+        except OSError as exc:
+            raise InputError(f"reading stdin failed ({exc.strerror or exc})") from None
+        self._head = head + getattr(self, "_head", b"")
+        return self._head
+
     def read(self, n: int = -1) -> bytes:
+        head = getattr(self, "_head", b"")
+        if head:
+            data, self._head = (head, b"") if n < 0 or n >= len(head) else (head[:n], head[n:])
+            self.count += len(data)
+            return data
         try:
             data = self.raw.read(n)
             self.count += len(data)
@@ -80,16 +125,17 @@ class _CountingReader:
         self.raw.close()
 
 
-def check_input_source(source: str) -> None:
-    """Fail before any work when the input cannot be read at all (one line, InputError/UsageError)."""
+def check_input_source(source: str, input_format: Optional[str] = None) -> None:
+    """Fail before any work when the input cannot be read at all (one line, InputError/UsageError).
+    With ``input_format`` (a demuxer or capture device) the name is FFmpeg's to judge."""
     if source == STDIO:
         if sys.stdin is None or not _fd_open(0):
-            raise InputError("stdin is closed; pipe a y4m stream into frvideo or give an input file")
+            raise InputError("stdin is closed; pipe a y4m or nut stream into frvideo or give an input file")
         if os.isatty(0):
-            raise UsageError("stdin is a terminal; pipe a y4m stream into it "
+            raise UsageError("stdin is a terminal; pipe a y4m or nut stream into it "
                              "(ffmpeg -i IN -f yuv4mpegpipe - | frvideo - OUT) or give an input file")
         return
-    if is_url(source):
+    if is_url(source) or (input_format is not None and source.strip()):
         return
     if not source.strip():
         raise InputError("the input name is empty")
@@ -139,13 +185,33 @@ def _bit_depth(pix_fmt: str) -> int:
         return 8
 
 
+def stdin_format(counter: _CountingReader) -> str:
+    """y4m or nut, from the stream's first bytes (left in place for the demuxer)."""
+    head = counter.peek(max(len(m) for m in STDIN_MAGIC))
+    if counter.interrupted is not None:
+        raise counter.interrupted
+    for magic, name in STDIN_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    what = "empty" if not head else "neither a y4m nor a nut stream"
+    raise InputError(f"stdin is {what}; pipe one with: ffmpeg -i IN -f yuv4mpegpipe - (video only) or "
+                     f"ffmpeg -i IN -c:v rawvideo -f nut - (with audio), or name its format with --input-format")
+
+
 class VideoReader:
     """Iterates decoded video frames of the first video stream."""
 
-    def __init__(self, source: str, allow_damaged: bool = False):
+    def __init__(self, source: str, allow_damaged: bool = False, input_options: Optional[InputOptions] = None):
         self.source = source
         self.allow_damaged = allow_damaged
+        self.input = input_options or InputOptions()
         self.counter: Optional[_CountingReader] = None  # pipes and FIFOs: bytes read so far
+        self.ended_by: Optional[str] = None  # why a network input ended (silence, sender gone), if it did
+        self.skipped_packets = 0  # network inputs: video packets that did not decode
+        # a stream read once (stdin, FIFO, URL, device): its other streams' packets are kept here
+        self.single_pass = not self._regular_file()
+        self._side: Optional[deque] = deque() if self.single_pass else None
+        self._side_keep: Optional[set] = None  # stream indices the writer takes; None: not asked yet
         self.container = self._open()
         if not self.container.streams.video:
             self.container.close()
@@ -182,6 +248,15 @@ class VideoReader:
             first = self._decode_first()
         self._first = first
 
+    def _regular_file(self) -> bool:
+        return self.source != STDIO and not is_url(self.source) and self.input.format is None \
+            and Path(self.source).is_file()
+
+    @property
+    def network(self) -> bool:
+        """A URL other than a local file: it may stall or hang up, and has a read timeout."""
+        return is_url(self.source) and not self.source.startswith("file:")
+
     def _decode_first(self):
         self._frames = self._decode()
         try:
@@ -191,25 +266,31 @@ class VideoReader:
             raise InputError(f"{_name(self.source)}: the video stream has no decodable frames") from None
 
     def _open(self):
-        if self.source == STDIO or (not is_url(self.source) and Path(self.source).exists()
-                                    and not Path(self.source).is_file() and not Path(self.source).is_dir()):
+        named_by_ffmpeg = self.input.format is not None and self.source != STDIO
+        if not named_by_ffmpeg and (self.source == STDIO or (
+                not is_url(self.source) and Path(self.source).exists()
+                and not Path(self.source).is_file() and not Path(self.source).is_dir())):
             check_input_source(self.source)
             raw = sys.stdin.buffer if self.source == STDIO else open(self.source, "rb")
             self.counter = _CountingReader(raw)
+            fmt = self.input.format
+            if fmt is None and self.source == STDIO:
+                fmt = stdin_format(self.counter)
             try:
-                container = av.open(self.counter, mode="r", format="yuv4mpegpipe" if self.source == STDIO else None)
+                container = av.open(self.counter, mode="r", format=fmt, options=dict(self.input.options))
             except av.error.FFmpegError as exc:
                 if self.counter.interrupted is not None:
                     raise self.counter.interrupted from None
                 if self.source == STDIO:
-                    raise InputError(f"stdin is not a y4m stream ({exc.strerror}); "
-                                     f"pipe one with: ffmpeg -i IN -f yuv4mpegpipe -") from None
+                    raise InputError(f"stdin is not a readable {fmt} stream ({exc.strerror})") from None
                 raise InputError(f"cannot open {self.source} as a video ({exc.strerror or type(exc).__name__})") \
                     from None
             if self.counter.interrupted is not None:
                 container.close()
                 raise self.counter.interrupted
             return container
+        if is_url(self.source) or named_by_ffmpeg:
+            return _open_in_thread(self.source, self.input, self.network)
         return _open_input(self.source)
 
     def _leftover_bytes(self, end_of_last_frame: Optional[int]) -> int:
@@ -231,18 +312,32 @@ class VideoReader:
         index = start_index  # frames before the point decoding starts from (see seek)
         damage = None
         frame_end: Optional[int] = None  # byte offset after the last whole packet (raw streams)
+        video = self.stream.index
+        side = self._side
         try:
-            for packet in self.container.demux(self.stream):
+            for packet in self.container.demux(*(() if side is not None else (self.stream,))):
+                if packet.stream.index != video:
+                    if side is not None and packet.size and (self._side_keep is None
+                                                             or packet.stream.index in self._side_keep):
+                        side.append(packet)
+                    continue
                 if packet.size and packet.pos is not None and packet.pos >= 0:
                     frame_end = packet.pos + packet.size
-                for frame in packet.decode():
+                for frame in self._decode_packet(packet):
                     if frame.pts is None:  # raw/y4m streams: frame index in 1/rate units
                         frame.pts = index
                     index += 1
                     yield frame
         except av.error.FFmpegError as exc:
             if index == start_index:
+                if isinstance(exc, av.error.ExitError) and self.network:
+                    raise InputError(f"{self.source}: no video arrived within {self.input.timeout:g} s "
+                                     f"(--input-timeout)") from None
                 raise InputError(f"{_name(self.source)} is not a readable video ({exc.strerror or exc})") from None
+            if self.network:  # a live stream ends by going silent or by its sender hanging up
+                self.ended_by = (f"no data for {self.input.timeout:g} s (--input-timeout)"
+                                 if isinstance(exc, av.error.ExitError) else f"the sender ended it ({exc.strerror or exc})")
+                return
             damage = f"decoding failed after frame {index} ({exc.strerror or exc})"
         failed = self.counter.interrupted if self.counter is not None else None
         if failed is not None:  # the pipe itself failed (or a signal came while opening)
@@ -250,6 +345,9 @@ class VideoReader:
                 raise InputError(f"reading {_name(self.source)} failed after frame {index} "
                                  f"({failed.strerror or failed})")
             raise failed
+        if self.skipped_packets:
+            print(f"frvideo: warning: {self.source}: {self.skipped_packets} damaged or incomplete video packets "
+                  f"skipped (joined mid-stream, or packets lost on the way)", file=sys.stderr)
         declared = self.stream.frames or 0
         leftover = self._leftover_bytes(frame_end) if damage is None else 0
         if leftover:
@@ -261,6 +359,17 @@ class VideoReader:
                 raise InputError(f"{_name(self.source)}: {damage}; repair it, or pass --ignore-damage "
                                  f"to restore the readable part")
             print(f"frvideo: warning: {_name(self.source)}: {damage}; keeping the readable part", file=sys.stderr)
+
+    def _decode_packet(self, packet) -> list:
+        """A packet's frames. A network stream joined mid-way starts before its first keyframe and
+        may lose packets on the way: those packets are skipped (and counted), as players do."""
+        if not self.network:
+            return packet.decode()
+        try:
+            return packet.decode()
+        except av.error.FFmpegError:
+            self.skipped_packets += 1
+            return []
 
     def _make_info(self) -> VideoInfo:
         cc = self.stream.codec_context
@@ -281,10 +390,34 @@ class VideoReader:
             timecode=read_timecode(self.container, self.stream),
         )
 
+    @property
+    def first_frame(self) -> Optional[av.VideoFrame]:
+        """The first frame (decoded on opening), until iteration starts."""
+        return self._first
+
+    @property
+    def side_streams(self) -> list:
+        """The input's non-video streams (templates for the writer's copies)."""
+        return [s for s in self.container.streams if s.index != self.stream.index]
+
+    def take_side_streams(self, indices: set) -> deque:
+        """A single-pass input: the writer keeps these streams' packets; the reader hands them
+        over in this deque (in demux order, the order their timestamps interleave in)."""
+        if self._side is None:
+            raise RuntimeError("a regular file's other streams are read by the writer itself")
+        self._side_keep = set(indices)
+        kept = [p for p in self._side if p.stream.index in self._side_keep]
+        self._side.clear()
+        self._side.extend(kept)
+        return self._side
+
     def __iter__(self) -> Iterator[av.VideoFrame]:
         first, self._first = self._first, None
         if first is None:
             raise RuntimeError("a VideoReader can be iterated once")
+        if self._side is not None and self._side_keep is None:  # nobody takes the other streams
+            self._side_keep = set()
+            self._side.clear()
         yield first
         yield from self._frames
 
@@ -324,5 +457,40 @@ def _open_input(source: str):
         raise InputError(f"cannot open {source} as a video ({exc.strerror or type(exc).__name__})") from None
 
 
-def open_reader(source: str, allow_damaged: bool = False) -> VideoReader:
-    return VideoReader(source, allow_damaged)
+def _open_in_thread(source: str, opts: InputOptions, network: bool):
+    """av.open of a URL or device, in a helper thread: a server input waits for its client (and
+    a slow host for its connection) inside FFmpeg, where no signal reaches Python. The main
+    thread waits beside it, so Ctrl-C or SIGTERM still stops the run at once."""
+    listening = is_listening(opts.options)
+    wait = None if listening or not network or not opts.timeout else opts.timeout
+    read = opts.timeout if network and opts.timeout else None
+    result: dict = {}
+    if opts.announce and network:
+        until = "until a sender connects" if listening else f"up to {wait:g} s" if wait else "without a time limit"
+        print(f"frvideo: {'listening on' if listening else 'opening'} {source}: waiting {until}", file=sys.stderr,
+              flush=True)
+
+    def open_it():
+        try:
+            result["container"] = av.open(source, mode="r", format=opts.format, options=dict(opts.options),
+                                          timeout=(wait, read) if network else None)
+        except BaseException as exc:  # re-raised in the main thread
+            result["error"] = exc
+
+    opener = threading.Thread(target=open_it, daemon=True, name="frvideo-open")
+    opener.start()
+    while opener.is_alive():
+        opener.join(0.1)
+    exc = result.get("error")
+    if isinstance(exc, av.error.ExitError):
+        raise InputError(f"{source}: nothing arrived within {wait:g} s (--input-timeout)") from None
+    if isinstance(exc, (av.error.FFmpegError, ValueError)):
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InputError(f"cannot open {source} ({why})") from None
+    if exc is not None:
+        raise exc
+    return result["container"]
+
+
+def open_reader(source: str, allow_damaged: bool = False, input_options: Optional[InputOptions] = None) -> VideoReader:
+    return VideoReader(source, allow_damaged, input_options)

@@ -6,6 +6,13 @@ input, advanced in step with the video so the muxer can interleave without
 buffering whole streams. A file target is written to a temporary file beside
 it and renamed only on success, so no half file is ever left.
 
+A URL target (udp, tcp, rtmp incl. a ``listen=1`` server, ...) and stdout get
+their muxer from ``EncodeOptions.format`` (``--format``), else from the URL's
+scheme (mpegts for udp/tcp, flv for rtmp) or y4m on stdout. Frames go out as
+they are encoded: a stream has no temporary file, and its encoder is set for
+low delay (x264/x265 ``tune=zerolatency``, a keyframe every 2 s so a receiver
+that joins late starts within 2 s).
+
 The temporary file is ``.NAME.partial-PID.EXT``, locked (flock) for as long as
 its process lives. A run killed with SIGKILL (or by a power cut) cannot remove
 its own: the next run into the same folder removes every partial file whose
@@ -50,7 +57,19 @@ CONTAINER_FALLBACK = {".webm": "libvpx-vp9", ".y4m": "rawvideo", ".mkv": "libx26
 KNOWN_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".y4m", ".nut", ".ts"}
 # The muxer of each extension (to ask what it can hold without creating a file).
 MUXER = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi",
-         ".y4m": "yuv4mpegpipe", ".nut": "nut", ".ts": "mpegts"}
+         ".y4m": "yuv4mpegpipe", ".nut": "nut", ".ts": "mpegts", ".flv": "flv"}
+# The muxer of a URL target by its scheme, when --format does not name one.
+URL_MUXER = {"udp": "mpegts", "tcp": "mpegts", "unix": "mpegts", "srt": "mpegts", "rtp": "rtp_mpegts",
+             "rtmp": "flv", "rtmps": "flv", "rtmpt": "flv", "rtmpe": "flv", "rtsp": "rtsp"}
+# --format names that are not FFmpeg's own muxer names.
+FORMAT_ALIASES = {"y4m": "yuv4mpegpipe", "ts": "mpegts", "mkv": "matroska"}
+CONTAINER_FALLBACK.update({".ts": "libx264", ".flv": "libx264"})
+# What FFmpeg's mpegts muxer takes (its codec list is a switch in mpegtsenc.c, which PyAV's
+# supported_codecs cannot query: it reports only the default mp2/mpeg2video), by codec and encoder name.
+MPEGTS_CODECS = {"h264", "libx264", "hevc", "libx265", "mpeg1video", "mpeg2video", "mpeg4", "av1", "libsvtav1",
+                 "libaom-av1", "vc1", "cavs", "dirac", "aac", "aac_latm", "mp2", "mp3", "libmp3lame", "ac3", "eac3",
+                 "dts", "truehd", "opus", "libopus", "s302m", "dvb_subtitle", "dvb_teletext", "smpte_klv"}
+STREAM_KEYFRAME_S = 2  # network outputs: seconds between keyframes (a receiver that joins late waits this long)
 # CRF ranges the encoders document (FFmpeg's own option bounds are wider or absent).
 CRF_RANGE = {"libx264": (0, 51), "libx264rgb": (0, 51), "libx265": (0, 51), "libvpx-vp9": (0, 63),
              "libvpx": (4, 63), "libsvtav1": (0, 63), "libaom-av1": (0, 63)}
@@ -64,10 +83,49 @@ class EncodeOptions:
     preset: Optional[str] = None
     pix_fmt: Optional[str] = None  # None: the input's pixel format (bit depth kept)
     extra: dict = field(default_factory=dict)  # raw encoder options
+    format: Optional[str] = None  # --format: the muxer of a URL or stdout target (None: from the URL / y4m)
+    muxer_options: dict = field(default_factory=dict)  # --output-option: FFmpeg muxer/protocol options
 
 
-def check_output_target(target: str) -> None:
+def output_muxer(target: str, fmt: Optional[str] = None) -> str:
+    """The muxer a target is written with: a file's from its extension, stdout's and a URL's
+    from ``fmt`` (``--format``), else y4m on stdout and by scheme for a URL. UsageError for a
+    format FFmpeg cannot write, or for --format on a file (its extension decides)."""
+    if fmt is not None:
+        if target != STDIO and not is_url(target):
+            raise UsageError(f"--format applies to - (stdout) and URLs; the file name's extension "
+                             f"picks the container of {target}")
+        name = FORMAT_ALIASES.get(fmt.strip().lower(), fmt.strip())
+        try:
+            if not av.format.ContainerFormat(name, "w").is_output:
+                raise ValueError(name)
+        except ValueError:
+            raise UsageError(f"--format: FFmpeg cannot write {fmt!r} (e.g. y4m, nut, mpegts, flv, matroska)") \
+                from None
+        return name
+    if target == STDIO:
+        return "yuv4mpegpipe"
+    if is_url(target):
+        scheme = target.split("://", 1)[0].lower()
+        if scheme in URL_MUXER:
+            return URL_MUXER[scheme]
+        raise UsageError(f"cannot tell the container to send to {target}; name it with --format "
+                         f"(e.g. --format mpegts)")
+    ext = Path(target).suffix.lower()
+    return MUXER.get(ext, "matroska")
+
+
+def muxer_ext(muxer: str) -> str:
+    """The extension standing for a muxer in the codec choices below (".ts" for mpegts)."""
+    for ext, name in MUXER.items():
+        if name == muxer and ext != ".m4v":
+            return ext
+    return "." + muxer
+
+def check_output_target(target: str, fmt: Optional[str] = None) -> None:
     """Fail before any work if the output cannot be written."""
+    if fmt is not None or is_url(target):
+        output_muxer(target, fmt)
     if target == STDIO:
         if sys.stdout is None or not _fd_open(1):
             raise OutputError("stdout is closed; give an output file or redirect stdout")
@@ -169,6 +227,21 @@ def _choose_pix_fmt(codec_name: str, info: VideoInfo, opts: EncodeOptions, warn:
     return preferred[0] if preferred else formats[0]
 
 
+def _default_pipe_codec(target: str, ext: str, opts: EncodeOptions) -> Optional[str]:
+    """nut on stdout carries raw video unless --codec says otherwise: a pipe feeds another
+    program, which encodes once at its end (as y4m on stdout always is)."""
+    return "rawvideo" if target == STDIO and ext == ".nut" and opts.codec is None else None
+
+
+def streaming_options(codec: str, rate: Fraction) -> dict[str, str]:
+    """Encoder settings of a network output: no frames held back inside the encoder (x264/x265
+    zerolatency: no B-frames, no look-ahead) and a keyframe every STREAM_KEYFRAME_S seconds."""
+    options = {"g": str(max(1, round(float(rate) * STREAM_KEYFRAME_S)))}
+    if codec in ("libx264", "libx265", "libx264rgb"):
+        options["tune"] = "zerolatency"
+    return options
+
+
 def encoder_options(codec: str, opts: EncodeOptions, width: int = 64, height: int = 64,
                     pix_fmt: str = "yuv422p10le") -> dict[str, str]:
     """The options dict handed to the encoder: a master's settings (FFV1/ProRes, io/masters.py),
@@ -206,10 +279,18 @@ def _stderr_silenced():
 def container_codecs(ext: str) -> set:
     """The encoders the muxer of ``ext`` accepts (asked of an in-memory muxer: no file is made)."""
     try:
-        with av.open(io.BytesIO(), "w", format=MUXER.get(ext, "matroska")) as probe:
-            return set(probe.supported_codecs)
+        with av.open(io.BytesIO(), "w", format=MUXER.get(ext, ext.lstrip("."))) as probe:
+            return _holds(probe)
     except (av.error.FFmpegError, ValueError):
         return set()
+
+
+def _holds(out) -> set:
+    """Codec and encoder names an output container takes."""
+    supported = set(out.supported_codecs)
+    if out.format.name == "mpegts":
+        supported |= MPEGTS_CODECS
+    return supported
 
 
 def check_encode_options(target: str, opts: EncodeOptions, input_codec: str = "",
@@ -227,8 +308,8 @@ def check_encode_options(target: str, opts: EncodeOptions, input_codec: str = ""
             raise EncodeOptionError(name, "must not be empty")
     if opts.crf is not None and not math.isfinite(opts.crf):
         raise EncodeOptionError("crf", f"must be a finite number, not {opts.crf}")
-    ext = Path(target).suffix.lower() if target != STDIO and not is_url(target) else ".y4m"
-    codec = _choose_codec(input_codec, opts, ext, container_codecs(ext))
+    ext = muxer_ext(output_muxer(target, opts.format))
+    codec = _default_pipe_codec(target, ext, opts) or _choose_codec(input_codec, opts, ext, container_codecs(ext))
     info = VideoInfo(width=64, height=64, pix_fmt=input_pix_fmt, codec=input_codec, time_base=Fraction(1, 25),
                      average_rate=Fraction(25), frames=0, duration_s=None, color_range=0, colorspace=2,
                      color_primaries=2, color_trc=2, rotation=0, bit_depth=8, sample_aspect_ratio=None,
@@ -328,27 +409,34 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
+def _copy_streams(streams, out: av.container.OutputContainer, ext: str) -> dict:
+    """Output streams for the input's non-video ``streams`` the container can hold: input index -> stream."""
+    mapped = {}
+    supported = _holds(out)
+    for s in streams:
+        name = s.codec_context.name if s.codec_context else None
+        if s.type == "data" and any(k.lower() == "timecode" for k in s.metadata):
+            continue  # a MOV tmcd track: the writer gives the output its own (VideoWriter._setup)
+        if s.type == "video" or name is None or (ext != ".nut" and name not in supported):
+            why = "y4m carries video only (--format nut keeps audio)" if ext == ".y4m" else \
+                f"the {ext or 'output'} container cannot hold it"
+            print(f"frvideo: warning: dropping {s.type} stream #{s.index} ({name or 'unknown codec'}): {why}",
+                  file=sys.stderr)
+            continue
+        try:
+            mapped[s.index] = out.add_stream_from_template(s)
+        except (ValueError, av.error.FFmpegError) as exc:
+            print(f"frvideo: warning: dropping {s.type} stream #{s.index} ({name}): {exc}", file=sys.stderr)
+    return mapped
+
+
 class _PacketCopier:
     """Copies the non-video streams of the input file packet for packet."""
 
     def __init__(self, source: str, out: av.container.OutputContainer, ext: str):
         self.container = av.open(source)
-        self.map = {}
-        supported = out.supported_codecs
-        for s in self.container.streams:
-            if s.type == "video" and s.index == self.container.streams.video[0].index:
-                continue
-            name = s.codec_context.name if s.codec_context else None
-            if s.type == "data" and any(k.lower() == "timecode" for k in s.metadata):
-                continue  # a MOV tmcd track: the writer gives the output its own (VideoWriter._setup)
-            if s.type == "video" or name is None or (ext != ".nut" and name not in supported):
-                print(f"frvideo: warning: dropping {s.type} stream #{s.index} ({name or 'unknown codec'}): "
-                      f"the {ext or 'output'} container cannot hold it", file=sys.stderr)
-                continue
-            try:
-                self.map[s.index] = out.add_stream_from_template(s)
-            except (ValueError, av.error.FFmpegError) as exc:
-                print(f"frvideo: warning: dropping {s.type} stream #{s.index} ({name}): {exc}", file=sys.stderr)
+        video = self.container.streams.video[0].index
+        self.map = _copy_streams([s for s in self.container.streams if s.index != video], out, ext)
         self.packets = self.container.demux(*[self.container.streams[i] for i in self.map]) if self.map else iter(())
         self.pending = None
         self.out = out
@@ -373,12 +461,53 @@ class _PacketCopier:
         self.container.close()
 
 
+class _SidePacketCopier:
+    """Copies the non-video streams of a single-pass input (stdin, URL, device): the reader keeps
+    their packets as it demuxes (``VideoReader.take_side_streams``); they are muxed in step with
+    the video, up to each frame's time, so the output interleaves as the input did."""
+
+    def __init__(self, reader, out: av.container.OutputContainer, ext: str):
+        self.map = _copy_streams(reader.side_streams, out, ext)
+        self.packets = reader.take_side_streams(set(self.map))
+        self.out = out
+        self.failed: set[int] = set()
+
+    def advance_to(self, t: float) -> None:
+        packets = self.packets
+        while packets:
+            pkt = packets[0]
+            ts = pkt.dts if pkt.dts is not None else pkt.pts
+            if ts is not None and float(ts * pkt.time_base) > t:
+                return
+            packets.popleft()
+            index = pkt.stream.index
+            if ts is None or index in self.failed:
+                continue  # a packet with no time cannot be placed in the output
+            pkt.stream = self.map[index]
+            try:
+                self.out.mux(pkt)
+            except av.error.FFmpegError as exc:
+                if isinstance(exc, OSError):  # the output itself failed (pipe closed, network gone)
+                    raise
+                # the copy does not fit this muxer (e.g. ADTS AAC into flv): drop that stream, keep the video
+                self.failed.add(index)
+                print(f"frvideo: warning: dropping stream #{index} from here on: {exc}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.packets.clear()
+
+
 class VideoWriter:
-    def __init__(self, target: str, info: VideoInfo, opts: EncodeOptions, copy_from: Optional[str] = None):
-        check_output_target(target)
+    def __init__(self, target: str, info: VideoInfo, opts: EncodeOptions, copy_from=None):
+        """``copy_from``: the input file whose other streams are copied, or the VideoReader of a
+        single-pass input (stdin, URL) that keeps them; None: video only."""
+        check_output_target(target, opts.format)
         self.target = target
         self.info = info
-        self.ext = Path(target).suffix.lower() if target != STDIO else ".y4m"
+        self.muxer = output_muxer(target, opts.format)
+        self.muxer_options = {k: str(v) for k, v in opts.muxer_options.items()}
+        self.ext = muxer_ext(self.muxer) if target == STDIO or is_url(target) else Path(target).suffix.lower()
+        self.streaming = is_url(target) and not target.startswith("file:")
         self.tmp_path: Optional[Path] = None
         self._lock_fd: Optional[int] = None
         self.out = self._open_container()
@@ -391,9 +520,9 @@ class VideoWriter:
     def _open_container(self):
         try:
             if self.target == STDIO:
-                return av.open(sys.stdout.buffer, mode="w", format="yuv4mpegpipe")
+                return av.open(sys.stdout.buffer, mode="w", format=self.muxer, options=self.muxer_options)
             if is_url(self.target):
-                return av.open(self.target, mode="w")
+                return _open_url_in_thread(self.target, self.muxer, self.muxer_options)
             path = Path(self.target)
             remove_stale_partials(path.parent if str(path.parent) else Path("."))
             self.tmp_path = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
@@ -418,7 +547,8 @@ class VideoWriter:
 
     def _setup(self, opts: EncodeOptions, copy_from: Optional[str]) -> None:
         info = self.info
-        codec = _choose_codec(info.codec, opts, self.ext, self.out.supported_codecs)
+        codec = _default_pipe_codec(self.target, self.ext, opts) or \
+            _choose_codec(info.codec, opts, self.ext, _holds(self.out))
         self.pix_fmt = _choose_pix_fmt(codec, info, opts)
         # y4m carries no timestamps: frames are numbered at the nominal rate
         self.numbered = self.ext == ".y4m"
@@ -435,7 +565,8 @@ class VideoWriter:
             cc.sample_aspect_ratio = info.sample_aspect_ratio
         cc.color_range, cc.colorspace = info.color_range, info.colorspace
         cc.color_primaries, cc.color_trc = info.color_primaries, info.color_trc
-        cc.options = encoder_options(codec, opts, info.width, info.height, self.pix_fmt)
+        cc.options = {**(streaming_options(codec, rate) if self.streaming else {}),
+                      **encoder_options(codec, opts, info.width, info.height, self.pix_fmt)}
         self.fields = self._set_field_order(cc, codec)
         if info.timecode:  # MOV/MP4: a tmcd track; MKV: a TIMECODE tag; others ignore it
             stream.metadata["timecode"] = info.timecode
@@ -446,7 +577,12 @@ class VideoWriter:
             stream.set_display_rotation(float(info.rotation))
         self.stream = stream
         self.codec = codec
-        self.copier = _PacketCopier(copy_from, self.out, self.ext) if copy_from and info.copy_streams else None
+        if not copy_from or not info.copy_streams:
+            self.copier = None
+        elif isinstance(copy_from, str):
+            self.copier = _PacketCopier(copy_from, self.out, self.ext)
+        else:
+            self.copier = _SidePacketCopier(copy_from, self.out, self.ext)
         self.count = 0
         self.last_pts: Optional[int] = None
 
@@ -544,5 +680,28 @@ class VideoWriter:
             self._lock_fd = None
 
 
-def open_writer(target: str, info: VideoInfo, opts: EncodeOptions, copy_from: Optional[str] = None) -> VideoWriter:
+def _open_url_in_thread(target: str, muxer: str, options: dict):
+    """av.open of a URL for writing, in a helper thread: a server output (``listen=1``) waits for
+    its client inside FFmpeg, where no signal reaches Python; the main thread waits beside it so
+    Ctrl-C still stops the run."""
+    import threading
+
+    result: dict = {}
+
+    def open_it():
+        try:
+            result["container"] = av.open(target, mode="w", format=muxer, options=dict(options))
+        except BaseException as exc:  # re-raised in the main thread
+            result["error"] = exc
+
+    opener = threading.Thread(target=open_it, daemon=True, name="frvideo-open-output")
+    opener.start()
+    while opener.is_alive():
+        opener.join(0.1)
+    if "error" in result:
+        raise result["error"]
+    return result["container"]
+
+
+def open_writer(target: str, info: VideoInfo, opts: EncodeOptions, copy_from=None) -> VideoWriter:
     return VideoWriter(target, info, opts, copy_from)
