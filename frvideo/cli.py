@@ -215,10 +215,30 @@ def _parse_restore_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, 
             dest = str(key).replace("-", "_")
             if not isinstance(key, str) or dest not in actions or dest in NOT_IN_CONFIG:
                 raise ConfigError(f"{first.config}: unknown option {key!r}")
+            if dest == "detector" and dest not in explicit:
+                value = _installed_preset_detector(value, first.config)
             parser.set_defaults(**{dest: _config_value(actions[dest], str(key), value, first.config)})
             if dest not in explicit:
                 origin[dest] = f"{first.config}: {key}"
     return parser.parse_args(argv), origin
+
+
+# -- presets name only installed detectors ------------------------------------------------------
+
+def _installed_preset_detector(value, source: str):
+    """A preset's (or config file's) ``detector``: kept when installed; a known detector
+    whose weights are not installed (``yunet`` in the ``fast``/``live`` presets on an
+    offline machine) is replaced by the best installed one, said in one stderr line.
+    Anything else is left for the usual checks to report."""
+    from .faces.detect import best_installed_detector, is_installed
+    from .models import model_names
+
+    if not isinstance(value, str) or value == "auto" or value not in model_names("detector") or is_installed(value):
+        return value
+    chosen = best_installed_detector()
+    print(f"frvideo: {source} names detector {value!r}, which is not installed; using {chosen!r} "
+          f"(the best installed detector)", file=sys.stderr)
+    return chosen
 
 
 def _apply_config(parser: _Parser, argv: list[str]) -> argparse.Namespace:
@@ -479,7 +499,7 @@ def models_command(argv: list[str]) -> int:
     _import_heavy()
     from .models import all_model_configs, load_model_config
     from .restore import backend_entry_points
-    from .weights import fetch_to, find_local, weights_dir
+    from .weights import REPO_ROOT, fetch_to, find_local, weights_dir
 
     p = _Parser(prog="frvideo models", description="List models and their weights, or fetch weights.")
     sub = p.add_subparsers(dest="action")
@@ -493,17 +513,20 @@ def models_command(argv: list[str]) -> int:
         path = fetch_to(config, Path(args.dest) if args.dest else weights_dir())
         print(f"{config.name}: {path}")
         return EXIT_OK
-    backends = backend_entry_points()
+    from .faces.detect import detector_entry_points
+
+    backends = {"restorer": backend_entry_points(), "detector": detector_entry_points()}
     print(f"weights folder: {weights_dir()}  (set $FRVIDEO_HOME to move it)")
     for kind in ("restorer", "detector"):
         print(f"\n{kind}s:")
         for c in sorted(all_model_configs(kind), key=lambda c: -c.priority):
-            if kind == "restorer" and c.backend not in backends:
+            if c.backend not in backends[kind]:
                 state = f"backend {c.backend!r} not installed"
             elif c.weights is None:
                 state = "ready (no weights needed)"
             elif (path := find_local(c)) is not None:
-                state = f"ready: {path}"
+                shipped = c.weights.shipped and path == REPO_ROOT / c.weights.shipped
+                state = f"ready{' (shipped)' if shipped else ''}: {path}"
             else:
                 state = f"missing {c.weights.file}: {c.weights.url or 'no public download'}"
             print(f"  {c.name:<22} {state}")
