@@ -215,7 +215,7 @@ def _parse_restore_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, 
             dest = str(key).replace("-", "_")
             if not isinstance(key, str) or dest not in actions or dest in NOT_IN_CONFIG:
                 raise ConfigError(f"{first.config}: unknown option {key!r}")
-            if dest == "detector" and dest not in explicit:
+            if dest == "detector" and dest not in explicit and _is_shipped_preset(first.config):
                 value = _installed_preset_detector(value, first.config)
             parser.set_defaults(**{dest: _config_value(actions[dest], str(key), value, first.config)})
             if dest not in explicit:
@@ -225,8 +225,14 @@ def _parse_restore_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, 
 
 # -- presets name only installed detectors ------------------------------------------------------
 
+def _is_shipped_preset(name: str) -> bool:
+    """``--config NAME`` names one of configs/presets/ (as ``load_preset`` resolves it), not a
+    file of the user's (whose ``detector`` is the user's explicit choice, checked as given)."""
+    return not Path(name).suffix and not Path(name).exists()
+
+
 def _installed_preset_detector(value, source: str):
-    """A preset's (or config file's) ``detector``: kept when installed; a known detector
+    """A shipped preset's ``detector``: kept when installed; a known detector
     whose weights are not installed (``yunet`` in the ``fast``/``live`` presets on an
     offline machine) is replaced by the best installed one, said in one stderr line.
     Anything else is left for the usual checks to report."""
