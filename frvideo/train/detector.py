@@ -357,6 +357,29 @@ def validate(net: TinyFaceNet, data: Labelled, idx: np.ndarray, pos_score: float
 
 # ----------------------------------------------------------------------------
 
+@torch.no_grad()
+def recalibrated(net: TinyFaceNet, data: Labelled, pool: np.ndarray, cfg: dict, seed, batches: int = 8) -> TinyFaceNet:
+    """A copy of ``net`` whose BatchNorm running statistics are the plain average over
+    ``batches`` fresh training batches. The running averages kept during training lag the
+    fast-moving weights: with them the box sizes came out ~30% too small at stride 32
+    (log-size bias -0.3 on training samples in eval mode, -0.03 in train mode)."""
+    import copy
+
+    calib = copy.deepcopy(net)
+    for m in calib.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    calib.train()
+    rng = np.random.default_rng(seed)
+    for _ in range(batches):
+        calib(make_batch(data, pool, rng, cfg)[0])
+    for m in calib.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    return calib.eval()
+
+
 def save_weights(path: Path, state: dict, meta: dict) -> None:
     """The shipped layout: float16 tensors, ``meta['crc32']`` over them."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,14 +401,28 @@ def train(cfg: dict, work: Path, log=print) -> None:
     torch.manual_seed(cfg["seed"])
     net = TinyFaceNet(tuple(cfg["widths"]), cfg["fpn"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step, best, trained_s = 0, -np.inf, 0.0
+    step, best, trained_s, restart = 0, -np.inf, 0.0, 0
     rng = np.random.default_rng(cfg["seed"])
     last = work / "last.pt"
     if last.is_file():
         ck = torch.load(last, map_location="cpu", weights_only=False)
-        net.load_state_dict(ck["net"])
-        opt.load_state_dict(ck["opt"])
+        state = ck["net"]
+        if any(k.startswith("head.") for k in state):
+            # a checkpoint of the shared-head network (first run): each level's head starts
+            # from the shared one; the optimiser starts afresh, with a short warm-up
+            state = {k: v for k, v in state.items() if not k.startswith("head.")} | {
+                f"heads.{i}.{k[5:]}": v.clone() for i in range(len(STRIDES)) for k, v in ck["net"].items()
+                if k.startswith("head.")}
+            net.load_state_dict(state)
+            restart = ck["step"]
+            log(f"shared head split into {len(STRIDES)} per-level heads; fresh optimiser")
+        else:
+            net.load_state_dict(state)
+            opt.load_state_dict(ck["opt"])
+            restart = ck.get("restart", 0)
         step, best, trained_s = ck["step"], ck["best"], ck.get("trained_s", 0.0)
+        if restart:
+            best = -np.inf  # scores of the shared-head network are not comparable
         rng = np.random.default_rng([cfg["seed"], step])
         log(f"resumed at step {step} (best {best:.4f})")
     net.train()
@@ -394,7 +431,8 @@ def train(cfg: dict, work: Path, log=print) -> None:
     progress = max(step / cfg["steps"], trained_s / cfg["time_budget_s"])
     while progress < 1.0:
         t_step = time.perf_counter()
-        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * progress))
+        warm = min(1.0, (step + 1) / cfg["warmup"], (step - restart + 1) / 100 if restart else 1.0)
+        lr = cfg["lr"] * warm * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr
         x, levels = make_batch(data, pool, rng, cfg)
@@ -413,7 +451,8 @@ def train(cfg: dict, work: Path, log=print) -> None:
                 f"{(time.perf_counter() - t0) / cfg['log_every']:.2f} s/step")
             acc[:], t0 = 0, time.perf_counter()
         if step % cfg["val_every"] == 0 or progress >= 1.0:
-            v = validate(net, data, val_idx, cfg["pos_score"])
+            calib = recalibrated(net, data, pool, cfg, [cfg["seed"], step, 7])
+            v = validate(calib, data, val_idx, cfg["pos_score"])
             p, h = v["plain"], v["hard"]
             log(f"val step {step}: plain R {p['recall']:.4f} P {p['precision']:.4f} NME {p['nme']:.4f} | "
                 f"hard R {h['recall']:.4f} P {h['precision']:.4f} NME {h['nme']:.4f} | score {v['score']:.4f}")
@@ -421,10 +460,10 @@ def train(cfg: dict, work: Path, log=print) -> None:
                     "teacher": "detection_mobilenet0.25_Final.pth"}
             if v["score"] > best:
                 best = v["score"]
-                torch.save({"params": net.state_dict(), "meta": meta}, work / "best.pt")
+                torch.save({"params": calib.state_dict(), "meta": meta}, work / "best.pt")
                 log(f"  new best {best:.4f} -> {work / 'best.pt'}")
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                        "trained_s": trained_s},
+                        "trained_s": trained_s, "restart": restart},
                        work / "last.tmp")
             (work / "last.tmp").replace(last)
             t0 = time.perf_counter()
