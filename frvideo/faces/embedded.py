@@ -1,7 +1,7 @@
 """The embedded detector: frvideo's own single-stage face detector, shipped in
 the package (``frvideo/faces/weights/embedded_detector.pth``), no download.
 
-``TinyFaceNet`` (about 100k parameters) sees the RGB frame shrunk so its
+``TinyFaceNet`` (86k parameters) sees the RGB frame shrunk so its
 longer side is at most ``max_size`` (640) and predicts, on three feature maps
 at strides 8, 16 and 32 (a small top-down pyramid that also reads a stride-64
 context map), per cell: a face logit, a box (centre offset and log size in
