@@ -333,10 +333,36 @@ def _parse_restore_args(argv: list[str], make_parser=build_parser,
             dest = str(key).replace("-", "_")
             if not isinstance(key, str) or dest not in actions or dest in not_in_config:
                 raise ConfigError(f"{first.config}: unknown option {key!r}")
+            if dest == "detector" and dest not in explicit and _is_shipped_preset(first.config):
+                value = _installed_preset_detector(value, first.config)
             parser.set_defaults(**{dest: _config_value(actions[dest], str(key), value, first.config)})
             if dest not in explicit:
                 origin[dest] = f"{first.config}: {key}"
     return parser.parse_args(argv), origin
+
+
+# -- presets name only installed detectors ------------------------------------------------------
+
+def _is_shipped_preset(name: str) -> bool:
+    """``--config NAME`` names one of configs/presets/ (as ``load_preset`` resolves it), not a
+    file of the user's (whose ``detector`` is the user's explicit choice, checked as given)."""
+    return not Path(name).suffix and not Path(name).exists()
+
+
+def _installed_preset_detector(value, source: str):
+    """A shipped preset's ``detector``: kept when installed; a known detector
+    whose weights are not installed (``yunet`` in the ``fast``/``live`` presets on an
+    offline machine) is replaced by the best installed one, said in one stderr line.
+    Anything else is left for the usual checks to report."""
+    from .faces.detect import best_installed_detector, is_installed
+    from .models import model_names
+
+    if not isinstance(value, str) or value == "auto" or value not in model_names("detector") or is_installed(value):
+        return value
+    chosen = best_installed_detector()
+    print(f"frvideo: {source} names detector {value!r}, which is not installed; using {chosen!r} "
+          f"(the best installed detector)", file=sys.stderr)
+    return chosen
 
 
 def _apply_config(parser: _Parser, argv: list[str]) -> argparse.Namespace:
@@ -669,7 +695,7 @@ def _reference_options(args, restorer, detector, device, dtype) -> dict:
 def models_command(argv: list[str]) -> int:
     # no torch here: listing and fetching weights read cards and files only (start-up < 0.5 s)
     from .models import all_model_configs, backend_entry_points, load_model_config
-    from .weights import fetch_to, find_local, weights_dir
+    from .weights import REPO_ROOT, fetch_to, find_local, weights_dir
 
     p = _Parser(prog="frvideo models", description="List models and their weights, or fetch weights.")
     sub = p.add_subparsers(dest="action")
@@ -683,17 +709,20 @@ def models_command(argv: list[str]) -> int:
         path = fetch_to(config, Path(args.dest) if args.dest else weights_dir())
         print(f"{config.name}: {path}")
         return EXIT_OK
-    backends = backend_entry_points()
+    from .faces.detect import detector_entry_points
+
+    backends = {"restorer": backend_entry_points(), "detector": detector_entry_points()}
     print(f"weights folder: {weights_dir()}  (set $FRVIDEO_HOME to move it)")
     for kind in ("restorer", "detector"):
         print(f"\n{kind}s:")
         for c in sorted(all_model_configs(kind), key=lambda c: -c.priority):
-            if kind == "restorer" and c.backend not in backends:
+            if c.backend not in backends[kind]:
                 state = f"backend {c.backend!r} not installed"
             elif c.weights is None:
                 state = "ready (no weights needed)"
             elif (path := find_local(c)) is not None:
-                state = f"ready: {path}"
+                shipped = c.weights.shipped and path == REPO_ROOT / c.weights.shipped
+                state = f"ready{' (shipped)' if shipped else ''}: {path}"
             else:
                 state = f"missing {c.weights.file}: {c.weights.url or 'no public download'}"
             print(f"  {c.name:<22} {state}")

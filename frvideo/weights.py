@@ -68,19 +68,19 @@ def hash_matches(expected: Optional[str], actual: str) -> bool:
     return not expected or actual.startswith(expected.lower())
 
 
-def _where_to_get(config: ModelConfig) -> str:
+def _where_to_get(config: ModelConfig, option: str = "--weights") -> str:
     w = config.weights
     src = f"download {w.url}" if w.url else f"get {w.file}"
-    return f"{src} and put it in {weights_dir()}/ (or pass --weights PATH)"
+    return f"{src} and put it in {weights_dir()}/ (or pass {option} PATH)"
 
 
-def check_file(config: ModelConfig, path: Path) -> Path:
+def check_file(config: ModelConfig, path: Path, option: str = "--weights") -> Path:
     w = config.weights
     digest = _verified_sha256(path)
     if not hash_matches(w.sha256, digest):
         raise WeightsError(
             f"{path} is corrupt or not the official {w.file} (sha256 {digest[:12]}…, expected {w.sha256[:12]}…); "
-            f"delete it, then {_where_to_get(config)}")
+            f"delete it, then {_where_to_get(config, option)}")
     return path
 
 
@@ -112,22 +112,24 @@ def check_weights_path(explicit: str | Path, option: str = "--weights") -> Path:
     return path
 
 
-def resolve(config: ModelConfig, explicit: Optional[str | Path] = None, download: bool = True) -> Optional[Path]:
-    """Path of the weight file for ``config`` (None if the model needs none)."""
+def resolve(config: ModelConfig, explicit: Optional[str | Path] = None, download: bool = True,
+            option: str = "--weights") -> Optional[Path]:
+    """Path of the weight file for ``config`` (None if the model needs none). ``option``:
+    the command-line option that names an explicit file (messages tell the user to use it)."""
     if config.weights is None:
         return None
     if explicit:
-        return check_weights_path(explicit)
+        return check_weights_path(explicit, option)
     local = find_local(config)
     if local is not None:
-        return check_file(config, local)
+        return check_file(config, local, option)
     offline = os.environ.get("FRVIDEO_OFFLINE", "") not in ("", "0")
     if download and not offline and config.weights.url:
-        return download_weights(config, weights_dir())
-    raise WeightsError(f"model {config.name!r} needs {config.weights.file}: {_where_to_get(config)}")
+        return download_weights(config, weights_dir(), option=option)
+    raise WeightsError(f"model {config.name!r} needs {config.weights.file}: {_where_to_get(config, option)}")
 
 
-def download_weights(config: ModelConfig, dest: Path, quiet: bool = False) -> Path:
+def download_weights(config: ModelConfig, dest: Path, quiet: bool = False, option: str = "--weights") -> Path:
     """Download to ``dest`` with a progress bar; verify sha256 before the file appears."""
     w = config.weights
     dest.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def download_weights(config: ModelConfig, dest: Path, quiet: bool = False) -> Pa
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
         raise WeightsError(f"model {config.name!r} needs {w.file} and the download failed ({reason}): "
-                           f"{_where_to_get(config)}") from None
+                           f"{_where_to_get(config, option)}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,330 +1,264 @@
-"""The embedded detector: needs no download at all.
+"""The embedded detector: frvideo's own single-stage face detector, shipped in
+the package (``frvideo/faces/weights/embedded_detector.pth``), no download.
 
-Two stages:
+``TinyFaceNet`` (86k parameters) sees the RGB frame shrunk so its
+longer side is at most ``max_size`` (640) and predicts, on three feature maps
+at strides 8, 16 and 32 (a small top-down pyramid that also reads a stride-64
+context map), per cell: a face logit, a box (centre offset and log size in
+units of the stride) and the 5 landmarks (offsets from the cell centre in
+units of 4 strides). Anchor-free: a face of size s = sqrt(w h) is learnt at
+every level where 2 <= s / stride <= 8 (stride 8 takes all smaller faces down
+to 12 px, stride 32 all larger ones), by the cells near its centre.
+Inference: sigmoid scores >= ``score_threshold``, greedy NMS (IoU > 0.4).
 
-1. **Boxes** from OpenCV's Haar cascade ``haarcascade_frontalface_default.xml``
-   (it ships with opencv-python(-headless) 4.x under ``cv2.data.haarcascades``;
-   it is not copied into this repository). The frame is shrunk so its longer
-   side is at most ``max_size`` and turned grey (and shrunk further for the
-   cascade so that ``min_face`` maps to its 24-pixel window); ``detectMultiScale3`` runs with
-   ``minNeighbors=0`` and ``outputRejectLevels=True`` so every raw window comes
-   back with its final-stage weight; the windows are grouped as OpenCV groups
-   them (``cv2.groupRectangles``, eps 0.2), a group needs more than
-   ``min_neighbors`` windows, and among heavily overlapping groups only the best
-   supported (most windows) is kept.
-2. **Landmarks and a refined box** from a small CNN (``LandmarkNet``, ~200k
-   parameters, trained by ``frvideo.train.landmarks`` on RetinaFace MobileNet's
-   output for Haar boxes of the training clips and still images; the landmarks
-   are the soft-argmax of heatmaps). Input: a 64 x 64 grey crop,
-   centred on the Haar box, ``CONTEXT`` x its side, normalised to zero mean and
-   unit std. Output (crop units, (p - centre) / crop side): the five landmarks,
-   a RetinaFace-like box, and a face / not-face logit.
+It was trained by distillation from RetinaFace MobileNet-0.25 on frames of the
+training clips and the still images (``frvideo.train.detector``; the recipe
+and measured accuracy are in ``frvideo/faces/weights/README.md``).
 
-Landmark order as everywhere in frvideo: image-left eye, image-right eye, nose,
-image-left mouth corner, image-right mouth corner.
-
-Score in [0, 1]: ``p_face * (0.5 + 0.5 * p_cascade)``, where p_face is the
-CNN's face probability and p_cascade the cascade's confidence, a logistic map
-of the group's final-stage weight (``levelWeights``) and support (windows),
-fitted on the training set and stored in the checkpoint's ``meta``. So a
-strong cascade hit (p_cascade 1) needs p_face >= 0.5 to pass the default
-threshold 0.5, a weak one (p_cascade 0.2) p_face >= 0.83. Faces below ``score_threshold``
-are dropped.
+Landmark order as everywhere in frvideo: image-left eye, image-right eye,
+nose, image-left mouth corner, image-right mouth corner.
 """
 from __future__ import annotations
 
-import math
+import zlib
 from pathlib import Path
 from typing import Optional
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import WeightsError
 from .detect import Detections, FaceDetector
-from .retinaface import shrink_for_detection
+from .retinaface import nms, shrink_for_detection
 
-CASCADE_FILE = "haarcascade_frontalface_default.xml"
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded_landmarks.pth"
-INPUT = 64  # network input side (pixels)
-CONTEXT = 1.5  # crop side / Haar box side
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded_detector.pth"
+STRIDES = (8, 16, 32)
+PAD = 64  # the input is padded to a multiple of the context level's stride
+LM_UNIT = 4.0  # landmark offsets are predicted in units of LM_UNIT strides
 FLIP_ORDER = (1, 0, 2, 4, 3)  # landmark index after a horizontal mirror
-N_OUT = 10 + 4 + 1  # landmarks, box, face logit
+RGB_MEAN, RGB_STD = 0.5, 0.25  # input: (rgb / 255 - mean) / std
+N_OUT = 1 + 4 + 10  # face logit, box, landmarks
+FUSE_IOU = 0.6  # cells fused into a detection (see ``fuse``)
 
 
-# ----------------------------------------------------------------------------
-# the network
-
-def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
 
 
-class LandmarkNet(nn.Module):
-    """64 x 64 x 1 -> 15 numbers: 5 landmarks (x, y), box (x1, y1, x2, y2), face logit,
-    all but the logit in crop units ((p - crop centre) / crop side).
+def _dws(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """Depthwise 3x3 (stride) + pointwise 1x1, each with BN and ReLU."""
+    return nn.Sequential(*_cbr(cin, cin, 3, stride, cin), *_cbr(cin, cout, 1))
 
-    ``arch="heatmap"``: the landmarks are the soft-argmax of 5 heatmaps on a
-    16 x 16 grid (features at 1/8 upsampled and merged with those at 1/4), so
-    the landmark branch is translation-equivariant; box and logit come from a
-    small fully connected head on the 1/16 features. ``arch="fc"``: all 15
-    from the fully connected head."""
 
-    def __init__(self, width: int = 16, arch: str = "heatmap", size: int = INPUT):
+class TinyFaceNet(nn.Module):
+    """RGB (normalised) B x 3 x H x W, H and W multiples of 64 -> three maps
+    B x 15 x H/s x W/s for s = 8, 16, 32 (logit, box 4, landmarks 10)."""
+
+    def __init__(self, widths=(8, 24, 32, 64, 96, 96), fpn: int = 32):
         super().__init__()
-        w = width
-        self.arch = arch
-        self.down4 = nn.Sequential(*_block(1, w, 1), *_block(w, w, 2), *_block(w, 2 * w, 1), *_block(2 * w, 2 * w, 2))
-        self.down8 = nn.Sequential(*_block(2 * w, 4 * w, 1), *_block(4 * w, 4 * w, 2), *_block(4 * w, 4 * w, 1))
-        self.down16 = nn.Sequential(*_block(4 * w, 2 * w, 2))
-        n_fc = 5 if arch == "heatmap" else N_OUT
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * (size // 16) ** 2, 64), nn.ReLU(inplace=True), nn.Linear(64, n_fc))
-        if arch == "heatmap":
-            self.up = nn.Sequential(*_block(6 * w, 2 * w, 1), *_block(2 * w, 2 * w, 1))
-            self.heat = nn.Conv2d(2 * w, 5, 1)
-            side = size // 4
-            grid = (torch.arange(side, dtype=torch.float32) + 0.5) / side - 0.5
-            self.register_buffer("grid", grid, persistent=False)
+        w0, w4, w8, w16, w32, w64 = widths
+        self.stem = nn.Sequential(*_cbr(3, w0, 3, 2))                                     # /2
+        self.s4 = nn.Sequential(_dws(w0, w4, 2), _dws(w4, w4))                             # /4
+        self.s8 = nn.Sequential(_dws(w4, w8, 2), _dws(w8, w8), _dws(w8, w8))               # /8
+        self.s16 = nn.Sequential(_dws(w8, w16, 2), _dws(w16, w16), _dws(w16, w16))         # /16
+        self.s32 = nn.Sequential(_dws(w16, w32, 2), _dws(w32, w32), _dws(w32, w32))        # /32
+        self.s64 = nn.Sequential(_dws(w32, w64, 2), _dws(w64, w64))                        # /64, context
+        self.lat = nn.ModuleList([nn.Sequential(*_cbr(c, fpn, 1)) for c in (w8, w16, w32, w64)])
+        self.smooth = nn.ModuleList([_dws(fpn, fpn) for _ in STRIDES])
+        # one head per level: a head shared across levels would share its BatchNorm statistics
+        # between maps whose statistics differ (the first run did: box sizes at stride 32 came
+        # out ~30% small in eval mode while right in train mode)
+        self.heads = nn.ModuleList([nn.Sequential(_dws(fpn, fpn), nn.Conv2d(fpn, N_OUT, 1)) for _ in STRIDES])
+        for head in self.heads:
+            nn.init.constant_(head[-1].bias, 0.0)
+            with torch.no_grad():
+                head[-1].bias[0] = -4.6  # prior face probability 0.01 (focal-loss start)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f4 = self.down4(x)
-        f8 = self.down8(f4)
-        g = self.head(self.down16(f8))
-        if self.arch != "heatmap":
-            return g
-        up = torch.nn.functional.interpolate(f8, size=f4.shape[-2:], mode="bilinear", align_corners=False)
-        h = self.heat(self.up(torch.cat([f4, up], 1)))  # B x 5 x S x S
-        b, _, sy, sx = h.shape
-        p = torch.softmax(h.reshape(b, 5, -1), -1).reshape(b, 5, sy, sx)
-        xs = (p.sum(2) * self.grid).sum(-1)
-        ys = (p.sum(3) * self.grid).sum(-1)
-        lm = torch.stack([xs, ys], -1).reshape(b, 10)
-        return torch.cat([lm, g], 1)
-
-
-def split_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B x 15) -> landmarks B x 5 x 2, boxes B x 4, face logits B (crop units)."""
-    return out[:, :10].reshape(-1, 5, 2), out[:, 10:14], out[:, 14]
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f8 = self.s8(self.s4(self.stem(x)))
+        f16 = self.s16(f8)
+        f32 = self.s32(f16)
+        f64 = self.s64(f32)
+        p = self.lat[3](f64)
+        outs = []
+        for i, f in ((2, f32), (1, f16), (0, f8)):
+            p = self.lat[i](f) + F.interpolate(p, size=f.shape[-2:], mode="nearest")
+            outs.append(self.heads[i](self.smooth[i](p)))
+        return outs[::-1]  # strides 8, 16, 32
 
 
-# ----------------------------------------------------------------------------
-# Haar stage and crops, shared with the trainer so both see the same boxes
-
-def load_cascade() -> cv2.CascadeClassifier:
-    path = Path(cv2.data.haarcascades) / CASCADE_FILE
-    cascade = cv2.CascadeClassifier(str(path))
-    if cascade.empty():
-        raise WeightsError(f"OpenCV's Haar cascade {path} is missing or unreadable "
-                           f"(it ships with opencv-python 4.x)")
-    return cascade
+def normalise(batch_rgb_uint8: torch.Tensor) -> torch.Tensor:
+    """B x H x W x 3 uint8 -> B x 3 x H x W float, padded to multiples of ``PAD``."""
+    x = batch_rgb_uint8.permute(0, 3, 1, 2).float().div_(255.0).sub_(RGB_MEAN).div_(RGB_STD)
+    h, w = x.shape[-2:]
+    ph, pw = -h % PAD, -w % PAD
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))  # 0 = mid grey after normalisation
+    return x
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(IoU, intersection / smaller area) of two x1 y1 x2 y2 boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+def decode_level(out: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One level's B x 15 x h x w map -> scores B x N, boxes B x N x 4 (x1 y1 x2 y2),
+    landmarks B x N x 5 x 2, in pixels of the network input."""
+    b, _, h, w = out.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=out.dtype), torch.arange(w, dtype=out.dtype), indexing="ij")
+    cx = ((xs + 0.5) * stride).reshape(1, -1)
+    cy = ((ys + 0.5) * stride).reshape(1, -1)
+    o = out.reshape(b, N_OUT, -1)
+    score = torch.sigmoid(o[:, 0])
+    bx = cx + o[:, 1] * stride
+    by = cy + o[:, 2] * stride
+    bw = torch.exp(o[:, 3].clamp(max=6.0)) * stride
+    bh = torch.exp(o[:, 4].clamp(max=6.0)) * stride
+    boxes = torch.stack([bx - bw / 2, by - bh / 2, bx + bw / 2, by + bh / 2], -1)
+    lm = o[:, 5:].reshape(b, 5, 2, -1).permute(0, 3, 1, 2) * (LM_UNIT * stride)
+    lm = lm + torch.stack([cx, cy], -1).reshape(1, -1, 1, 2)
+    return score, boxes, lm
+
+
+def checkpoint_crc(state: dict) -> int:
+    """CRC32 over the tensors' names and bytes in key order (stored in the
+    checkpoint's meta, checked at load: a damaged or edited file is refused)."""
+    crc = 0
+    for k in sorted(state):
+        v = state[k]
+        crc = zlib.crc32(k.encode(), crc)
+        crc = zlib.crc32(v.detach().cpu().contiguous().numpy().tobytes(), crc)
+    return crc & 0xFFFFFFFF
+
+
+def load_embedded_net(path: Path) -> tuple[TinyFaceNet, dict]:
+    """The network of a checkpoint ``{'params': state, 'meta': {...}}``, with the
+    checks every frvideo checkpoint gets (zip CRCs, every tensor finite:
+    ``frvideo.restore.load_checkpoint_file``) and the CRC32 over the tensors
+    stored in ``meta`` (it catches an edited file whose zip CRCs were rewritten)."""
+    from ..restore import load_checkpoint_file, load_state_dict_strict
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"embedded detector weight file not found: {path} (check --detector-weights)")
+    try:
+        ckpt = load_checkpoint_file(path)
+    except WeightsError as exc:
+        raise WeightsError(f"{exc} (check --detector-weights)") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("params"), dict)):
+        raise WeightsError(f"{path} is not an embedded detector checkpoint (no 'params'); check --detector-weights")
+    state, meta = ckpt["params"], dict(ckpt.get("meta") or {})
+    if "crc32" in meta and checkpoint_crc(state) != int(meta["crc32"]):
+        raise WeightsError(f"{path}: tensor checksum mismatch (damaged or edited file)")
+    net = TinyFaceNet(tuple(meta.get("widths", (8, 24, 32, 64, 96, 96))), int(meta.get("fpn", 32)))
+    load_state_dict_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path)
+    return net.eval(), meta
+
+
+def fuse(boxes: np.ndarray, lms: np.ndarray, scores: np.ndarray, order: np.ndarray, iou: float):
+    """Each kept detection's box and landmarks as the score-weighted mean over the cells
+    whose box has IoU >= ``iou`` with it (the neighbouring cells see the same face and their
+    errors partly cancel)."""
+    if len(order) == 0:
+        return boxes[order], lms[order]
+    kept = boxes[order]
+    iw = np.clip(np.minimum(kept[:, None, 2], boxes[None, :, 2]) - np.maximum(kept[:, None, 0], boxes[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(kept[:, None, 3], boxes[None, :, 3]) - np.maximum(kept[:, None, 1], boxes[None, :, 1]), 0, None)
     inter = iw * ih
-    aa, ab = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
-    return inter / max(aa + ab - inter, 1e-9), inter / max(min(aa, ab), 1e-9)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    m = inter / np.maximum(area[order][:, None] + area[None, :] - inter, 1e-9)
+    w = (m >= iou) * scores[None, :]
+    w = w / w.sum(1, keepdims=True)
+    return w @ boxes, np.einsum("kn,npc->kpc", w, lms)
 
 
-def haar_boxes(cascade: cv2.CascadeClassifier, grey: np.ndarray, scale_factor: float = 1.2,
-               min_neighbors: int = 3, min_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Grouped cascade hits on a grey uint8 image: boxes N x 4 (x1 y1 x2 y2,
-    float32, that image's pixels), support N (raw windows in the group) and
-    weight N (the largest final-stage weight among them); best supported first."""
-    empty = np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.float32)
-    raw, _, weights = cascade.detectMultiScale3(grey, scaleFactor=scale_factor, minNeighbors=0,
-                                                minSize=(min_size, min_size), outputRejectLevels=True)
-    if len(raw) == 0:
-        return empty
-    raw = np.asarray(raw, np.int32).reshape(-1, 4)
-    weights = np.asarray(weights, np.float32).ravel()
-    groups, support = cv2.groupRectangles(raw.tolist(), max(0, int(min_neighbors)), 0.2)
-    if len(groups) == 0:
-        return empty
-    groups = np.asarray(groups, np.float32).reshape(-1, 4)
-    support = np.asarray(support, np.float32).ravel()
-    boxes = np.concatenate([groups[:, :2], groups[:, :2] + groups[:, 2:]], axis=1)
-    raw_boxes = np.concatenate([raw[:, :2], raw[:, :2] + raw[:, 2:]], axis=1).astype(np.float32)
-    # a group's weight: the best window that belongs to it (same similarity as
-    # groupRectangles: every side within eps * mean size)
-    best = np.full(len(boxes), -np.inf, np.float32)
-    for i, g in enumerate(groups):
-        delta = 0.2 * 0.5 * (np.minimum(g[2], raw[:, 2]) + np.minimum(g[3], raw[:, 3]))
-        near = np.all(np.abs(raw_boxes - boxes[i]) <= delta[:, None], axis=1)
-        if near.any():
-            best[i] = weights[near].max()
-        else:
-            best[i] = float(np.median(weights))
-    order = np.lexsort((-best, -support))  # most windows first, then the higher weight
-    keep: list[int] = []  # drop a group overlapping a better supported one (IoU >= 0.3 or 60% of the smaller)
+def drop_inside(boxes: np.ndarray, order: np.ndarray, threshold: float) -> np.ndarray:
+    """``order`` (best first) without the boxes lying mostly (intersection / own area >
+    ``threshold``) inside a better one. Cells of a level finer than a large face's see only
+    part of it and may propose that part as a face (IoU ~0.35 with the whole face, so NMS
+    keeps it): on wda_aoc such boxes were most false detections."""
+    keep: list[int] = []
     for i in order:
-        overlaps = [_overlap(boxes[i], boxes[k]) for k in keep]
-        if all(iou < 0.3 and inside < 0.6 for iou, inside in overlaps):
-            keep.append(i)
-    keep_a = np.asarray(keep, np.int64)
-    return boxes[keep_a], support[keep_a], best[keep_a]
+        b = boxes[i]
+        area = max(float((b[2] - b[0]) * (b[3] - b[1])), 1e-6)
+        inside = False
+        for k in keep:
+            o = boxes[k]
+            iw = min(b[2], o[2]) - max(b[0], o[0])
+            ih = min(b[3], o[3]) - max(b[1], o[1])
+            if iw > 0 and ih > 0 and iw * ih / area > threshold:
+                inside = True
+                break
+        if not inside:
+            keep.append(int(i))
+    return np.asarray(keep, np.int64)
 
 
-def cascade_boxes(cascade: cv2.CascadeClassifier, grey: np.ndarray, scale_factor: float = 1.2,
-                  min_neighbors: int = 3, min_face: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``haar_boxes`` for faces of at least ``min_face`` pixels of ``grey``: the
-    image is first shrunk so that size becomes the cascade's own window (24),
-    which is faster than a larger ``minSize`` on the full image; boxes are in
-    ``grey``'s pixels."""
-    window = max(cascade.getOriginalWindowSize())
-    s = min(1.0, window / max(min_face, 1))
-    if s < 1.0:
-        small = cv2.resize(grey, (max(1, round(grey.shape[1] * s)), max(1, round(grey.shape[0] * s))),
-                           interpolation=cv2.INTER_AREA)
-        sx, sy = grey.shape[1] / small.shape[1], grey.shape[0] / small.shape[0]
-    else:
-        small, sx, sy = grey, 1.0, 1.0
-    boxes, support, weight = haar_boxes(cascade, small, scale_factor, min_neighbors, window)
-    return boxes * np.array([sx, sy, sx, sy], np.float32), support, weight
+@torch.inference_mode()
+def raw_detect(net: TinyFaceNet, x: torch.Tensor, score_threshold: float, nms_threshold: float = 0.4,
+               max_faces: int = 200, inside_threshold: float = 0.6, fuse_iou: float = FUSE_IOU) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Normalised batch -> per image (boxes N x 4, landmarks N x 5 x 2, scores N),
+    network-input pixels, after NMS and ``drop_inside``, best first."""
+    levels = [decode_level(o.float(), s) for o, s in zip(net(x), STRIDES)]
+    score = torch.cat([lv[0] for lv in levels], 1)
+    boxes = torch.cat([lv[1] for lv in levels], 1)
+    lms = torch.cat([lv[2] for lv in levels], 1)
+    out = []
+    for b in range(x.shape[0]):
+        keep = torch.nonzero(score[b] >= score_threshold).flatten()
+        if len(keep) > 20 * max_faces:
+            keep = keep[torch.topk(score[b][keep], 20 * max_faces).indices]
+        sc = score[b][keep].numpy()
+        bx = boxes[b][keep].numpy()
+        lm = lms[b][keep].numpy()
+        order = nms(bx, sc, nms_threshold) if len(sc) else np.zeros(0, np.int64)
+        order = drop_inside(bx, order, inside_threshold)[:max_faces]
+        fb, fl = fuse(bx, lm, sc, order, fuse_iou) if fuse_iou < 1 else (bx[order], lm[order])
+        out.append((fb.astype(np.float32), fl.astype(np.float32), sc[order].astype(np.float32)))
+    return out
 
-
-def crop_params(box: np.ndarray, context: float = CONTEXT) -> tuple[float, float, float]:
-    """Centre (x, y) and side of the square network crop for a Haar box."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    side = context * max(box[2] - box[0], box[3] - box[1])
-    return float(cx), float(cy), float(side)
-
-
-def crop_patch(grey: np.ndarray, cx: float, cy: float, side: float, out: int = INPUT) -> np.ndarray:
-    """A square ``out`` x ``out`` uint8 crop of ``grey`` (side ``side`` pixels
-    centred on (cx, cy)); outside the image: edge pixels repeated. Shrinks by
-    area averaging first when the crop is much larger than ``out``."""
-    scale = out / side
-    src = grey
-    if scale < 0.5:  # area-average to about twice the output size first, then bilinear
-        pre = min(1.0, 2 * scale)
-        x0 = max(0, int(math.floor(cx - side / 2 - 2)))
-        y0 = max(0, int(math.floor(cy - side / 2 - 2)))
-        x1 = min(grey.shape[1], int(math.ceil(cx + side / 2 + 2)))
-        y1 = min(grey.shape[0], int(math.ceil(cy + side / 2 + 2)))
-        if x1 > x0 and y1 > y0:
-            roi = grey[y0:y1, x0:x1]
-            nw, nh = max(1, round(roi.shape[1] * pre)), max(1, round(roi.shape[0] * pre))
-            src = cv2.resize(roi, (nw, nh), interpolation=cv2.INTER_AREA)
-            sx, sy = nw / roi.shape[1], nh / roi.shape[0]
-            cx, cy, side = (cx - x0) * sx, (cy - y0) * sy, side * (sx + sy) / 2
-            scale = out / side
-    # continuous coordinates (pixel i spans [i, i + 1]): output pixel u's centre
-    # u + 0.5 sits at cx + (u + 0.5 - out / 2) / scale in the source
-    m = np.array([[scale, 0.0, out / 2 - cx * scale - 0.5 + 0.5 * scale],
-                  [0.0, scale, out / 2 - cy * scale - 0.5 + 0.5 * scale]], np.float64)
-    return cv2.warpAffine(src, m, (out, out), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def normalise_patches(patches: np.ndarray) -> torch.Tensor:
-    """N x S x S uint8 -> N x 1 x S x S float, each patch to zero mean, unit std."""
-    x = torch.from_numpy(np.ascontiguousarray(patches)).float().unsqueeze(1)
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True).clamp_min(4.0)
-    return (x - mean) / std
-
-
-def cascade_confidence(support: np.ndarray, weight: np.ndarray, coef) -> np.ndarray:
-    """Logistic map of (log support, weight) to [0, 1] with ``coef`` = (a, b, c)."""
-    a, b, c = (float(v) for v in coef)
-    z = a * np.log(np.maximum(support, 1.0)) + b * weight + c
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
 
 class EmbeddedDetector(FaceDetector):
-    """Haar cascade + shipped landmark CNN; see the module docstring.
-
-    ``weights``: the landmark CNN checkpoint (default: the shipped file).
-    ``max_size``: the frame's longer side is shrunk to this first (0 / None:
-    full resolution); the crops for the CNN come from that image.
-    ``min_face``: smallest face, in pixels of that image; the cascade runs on
-    it shrunk so that ``min_face`` becomes the cascade's 24-pixel window
-    (faster than a larger minSize). ``scale_factor`` 1.2 and ``min_neighbors``
-    3: on eval frames they found the same RetinaFace faces as 1.1 with fewer
-    false hits and in about 60% of the time. ``flip_average``: run the CNN on
-    the crop and its mirror and average (mirrored back), which lowered the
-    landmark error on the eval clips by ~6%.
-    """
+    """See the module docstring. ``weights``: a checkpoint of ``frvideo.train.detector``
+    (default: the shipped file). ``max_size``: the frame's longer side is
+    shrunk to this first (0 / None: full resolution). ``min_face``: faces whose
+    box is smaller (sqrt(w h), pixels of the shrunk frame) are dropped."""
 
     name = "embedded"
 
     def __init__(self, weights: Optional[Path] = None, device: str | torch.device = "cpu",
-                 max_size: Optional[int] = 640, score_threshold: float = 0.5, min_face: int = 40,
-                 scale_factor: float = 1.2, min_neighbors: int = 3, flip_average: bool = True):
-        from ..restore import load_state_dict_strict, read_checkpoint
-
+                 max_size: Optional[int] = 640, score_threshold: float = 0.5, nms_threshold: float = 0.4,
+                 min_face: float = 10.0):
         path = Path(weights) if weights else SHIPPED_WEIGHTS
-        state = read_checkpoint(path, ["params"])
-        meta = {}
-        try:
-            meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {}) or {}
-        except Exception:  # a bare state dict: defaults below
-            meta = {}
-        self.meta = meta
-        net = LandmarkNet(int(meta.get("width", 16)), str(meta.get("arch", "heatmap")), int(meta.get("input", INPUT)))
-        load_state_dict_strict(net, state, path)
+        self.net, self.meta = load_embedded_net(path)
         self.device = torch.device(device)
-        self.net = net.eval().to(self.device)
-        self.context = float(meta.get("context", CONTEXT))
-        self.input = int(meta.get("input", INPUT))
-        self.cascade_coef = tuple(meta.get("cascade_coef", (1.0, 0.5, -2.0)))
+        self.net = self.net.to(self.device)
         self.max_size = max_size or None
         self.score_threshold = float(score_threshold)
-        self.min_face = int(min_face)
-        self.scale_factor = float(scale_factor)
-        self.min_neighbors = int(min_neighbors)
-        self.flip_average = bool(flip_average)
-        self.cascade = load_cascade()
+        self.nms_threshold = float(nms_threshold)
+        self.min_face = float(min_face)
 
-    @torch.inference_mode()
-    def _regress(self, patches: np.ndarray) -> np.ndarray:
-        """N x 15 network outputs; with ``flip_average`` the mean of the crop's and
-        its mirror's (mirrored back: x negated, left/right landmarks swapped)."""
-        x = normalise_patches(patches).to(self.device)
-        if not self.flip_average:
-            return self.net(x).float().cpu().numpy()
-        out = self.net(torch.cat([x, x.flip(-1)])).float().cpu().numpy()
-        a, b = out[:len(x)], out[len(x):]
-        lm = b[:, :10].reshape(-1, 5, 2)[:, list(FLIP_ORDER)] * np.array([-1, 1], np.float32)
-        box = b[:, [12, 11, 10, 13]] * np.array([-1, 1, -1, 1], np.float32)
-        b = np.concatenate([lm.reshape(-1, 10), box, b[:, 14:]], 1)
-        return (a + b) / 2
+    @classmethod
+    def from_card(cls, config, weights, device, settings) -> "EmbeddedDetector":
+        return cls(weights, device=device, **settings)
 
     def detect(self, image_rgb: np.ndarray) -> Detections:
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            raise ValueError(f"expected an H x W x 3 RGB image, got shape {image_rgb.shape}")
-        if image_rgb.dtype != np.uint8:
-            image_rgb = (image_rgb >> 8).astype(np.uint8) if image_rgb.dtype == np.uint16 else \
-                np.clip(image_rgb, 0, 255).astype(np.uint8)
-        small, sx, sy = shrink_for_detection(image_rgb, self.max_size)
-        grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-        boxes, support, weight = cascade_boxes(self.cascade, grey, self.scale_factor, self.min_neighbors,
-                                               self.min_face)
-        if len(boxes) == 0:
-            return Detections.empty()
-        crops = [crop_params(b, self.context) for b in boxes]
-        patches = np.stack([crop_patch(grey, cx, cy, side, self.input) for cx, cy, side in crops])
-        out = torch.from_numpy(self._regress(patches))
-        lm, bx, logit = (t.numpy() for t in split_output(out))
-        centre = np.array([[c[0], c[1]] for c in crops], np.float32)
-        side = np.array([c[2] for c in crops], np.float32)
-        landmarks = lm * side[:, None, None] + centre[:, None, :]
-        rboxes = bx.reshape(-1, 2, 2) * side[:, None, None] + centre[:, None, :]
-        rboxes = rboxes.reshape(-1, 4)
-        p_face = 1.0 / (1.0 + np.exp(-logit))
-        p_casc = cascade_confidence(support, weight, self.cascade_coef)
-        scores = (p_face * (0.5 + 0.5 * p_casc)).astype(np.float32)
-        keep = scores >= self.score_threshold
-        if not keep.any():
-            return Detections.empty()
-        scale = np.array([sx, sy], np.float32)
-        landmarks = (landmarks[keep] * scale).astype(np.float32)
-        rboxes = (rboxes[keep].reshape(-1, 2, 2) * scale).reshape(-1, 4).astype(np.float32)
-        scores = scores[keep]
-        order = np.argsort(-scores, kind="stable")
-        return Detections(rboxes[order], landmarks[order], scores[order])
+        return self.detect_batch([image_rgb])[0]
+
+    def detect_batch(self, images_rgb: list[np.ndarray]) -> list[Detections]:
+        out = []
+        for im in images_rgb:
+            if im.ndim != 3 or im.shape[2] != 3:
+                raise ValueError(f"expected an H x W x 3 RGB image, got shape {im.shape}")
+            if im.dtype != np.uint8:
+                im = (im >> 8).astype(np.uint8) if im.dtype == np.uint16 else np.clip(im, 0, 255).astype(np.uint8)
+            small, sx, sy = shrink_for_detection(im, self.max_size)
+            x = normalise(torch.from_numpy(np.ascontiguousarray(small))[None]).to(self.device)
+            (boxes, lms, scores), = raw_detect(self.net, x, self.score_threshold, self.nms_threshold)
+            h, w = small.shape[:2]
+            boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+            size = np.sqrt(np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0))
+            keep = size >= self.min_face
+            scale = np.array([sx, sy], np.float32)
+            out.append(Detections((boxes[keep].reshape(-1, 2, 2) * scale).reshape(-1, 4).astype(np.float32),
+                                  (lms[keep] * scale).astype(np.float32), scores[keep]))
+        return out

@@ -316,6 +316,10 @@ class RetinaFaceDetector(FaceDetector):
         self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
 
+    @classmethod
+    def from_card(cls, config, weights, device, settings) -> "RetinaFaceDetector":
+        return cls(weights, backbone=config.arch.get("backbone", "mobilenet0.25"), device=device, **settings)
+
     def priors(self, height: int, width: int) -> torch.Tensor:
         key = (height, width)
         if key not in self._priors:

@@ -31,7 +31,7 @@ class YuNetDetector(FaceDetector):
                  max_size: Optional[int] = 640, top_k: int = 5000):
         weights = Path(weights)
         if not weights.is_file():
-            raise WeightsError(f"weight file not found: {weights}")
+            raise WeightsError(f"YuNet weight file not found: {weights} (check --detector-weights)")
         self.max_size = max_size
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)

@@ -1,2 +1,2 @@
-"""Data package: the embedded detector's shipped landmark CNN (a package so that
-setuptools' ``package-data`` ``*.pth`` pattern ships it in wheels)."""
+"""Data package: the embedded detector's shipped weights (a package so that
+setuptools' ``package-data`` ``*.pth`` pattern ships them in wheels)."""
