@@ -144,9 +144,30 @@ _BUILTIN_BACKENDS = {
 }
 
 
-def backend_entry_points() -> dict[str, str]:
-    """Backend name -> 'module:Class', from installed entry points and the built-ins."""
-    found = dict(_BUILTIN_BACKENDS)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+def registered(group: str, builtins: dict[str, str]) -> dict[str, str]:
+    """Name -> 'module:Class' of a plugin registry: the built-ins (a source tree that is not
+    installed has no entry points) overridden by the installed entry points of ``group``."""
+    found = dict(builtins)
+    for ep in metadata.entry_points(group=group):
         found[ep.name] = ep.value
     return found
+
+
+def registered_class(group: str, builtins: dict[str, str], name: str, base: type, what: str) -> type:
+    """The class registered as ``name``, checked to be a subclass of ``base``."""
+    import importlib
+
+    known = registered(group, builtins)
+    target = known.get(name)
+    if target is None:
+        raise ConfigError(f"no {what} backend {name!r} is installed (installed: {', '.join(sorted(known))})")
+    module_name, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"entry point {name!r} -> {target} is not a frvideo {base.__name__}")
+    return cls
+
+
+def backend_entry_points() -> dict[str, str]:
+    """Restorer backend name -> 'module:Class'."""
+    return registered(ENTRY_POINT_GROUP, _BUILTIN_BACKENDS)

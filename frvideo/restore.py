@@ -19,7 +19,6 @@ backend, architecture arguments and weight file.
 """
 from __future__ import annotations
 
-import importlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .errors import ConfigError, WeightsError
-from .models import ModelConfig, backend_entry_points
+from .models import ModelConfig
 
 @dataclass
 class RestoreContext:
@@ -227,16 +226,8 @@ def load_state_dict_strict(net: torch.nn.Module, state: dict, source: Path | str
 # -- registry ----------------------------------------------------------------------
 
 def backend_class(backend: str) -> type[Restorer]:
-    target = backend_entry_points().get(backend)
-    if target is None:
-        known = ", ".join(sorted(backend_entry_points()))
-        raise ConfigError(f"unknown backend {backend!r} (known: {known})")
-    module_name, _, attr = target.partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, attr)
-    if not (isinstance(cls, type) and issubclass(cls, Restorer)):
-        raise ConfigError(f"entry point {backend!r} -> {target} is not a frvideo Restorer")
-    return cls
+    from .models import ENTRY_POINT_GROUP, _BUILTIN_BACKENDS, registered_class
+    return registered_class(ENTRY_POINT_GROUP, _BUILTIN_BACKENDS, backend, Restorer, "restorer")
 
 
 def load_restorer(name: str, weights=None, device: str | torch.device = "cpu",

@@ -6,9 +6,7 @@ corner, left mouth corner — i.e. the order of the FFHQ template in align.py.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -73,24 +71,13 @@ _BUILTIN_DETECTORS = {
 
 def detector_entry_points() -> dict[str, str]:
     """Detector backend name -> 'module:Class', from installed entry points and the built-ins."""
-    found = dict(_BUILTIN_DETECTORS)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
-    return found
+    from ..models import registered
+    return registered(ENTRY_POINT_GROUP, _BUILTIN_DETECTORS)
 
 
 def detector_class(backend: str) -> type[FaceDetector]:
-    from ..errors import ConfigError
-
-    target = detector_entry_points().get(backend)
-    if target is None:
-        known = ", ".join(sorted(detector_entry_points()))
-        raise ConfigError(f"no face detector backend {backend!r} is installed (installed: {known})")
-    module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, FaceDetector)):
-        raise ConfigError(f"entry point {backend!r} -> {target} is not a frvideo FaceDetector")
-    return cls
+    from ..models import registered_class
+    return registered_class(ENTRY_POINT_GROUP, _BUILTIN_DETECTORS, backend, FaceDetector, "face detector")
 
 
 def installed_detectors() -> list:
