@@ -155,3 +155,25 @@ def uninstall() -> None:
         except (OSError, ValueError, TypeError):
             pass
     _State.previous.clear()
+
+
+def call_beside(fn: Callable, name: str):
+    """``fn()`` in a helper thread while the main thread waits beside it: a call that blocks
+    inside C code (FFmpeg waiting for a server's client or a slow host) cannot be interrupted,
+    but the waiting main thread still receives Ctrl-C or SIGTERM and stops the run at once.
+    Returns fn's result or raises its exception."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # re-raised in the main thread
+            result["error"] = exc
+
+    helper = threading.Thread(target=run, daemon=True, name=name)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -29,6 +28,7 @@ from typing import Iterator, Optional
 import av
 
 from ..errors import InputError, UsageError
+from ..interrupt import call_beside
 from .masters import FIELD_TT, FIELD_UNKNOWN, read_timecode
 
 STDIO = "-"
@@ -464,32 +464,19 @@ def _open_in_thread(source: str, opts: InputOptions, network: bool):
     listening = is_listening(opts.options)
     wait = None if listening or not network or not opts.timeout else opts.timeout
     read = opts.timeout if network and opts.timeout else None
-    result: dict = {}
     if opts.announce and network:
         until = "until a sender connects" if listening else f"up to {wait:g} s" if wait else "without a time limit"
         print(f"frvideo: {'listening on' if listening else 'opening'} {source}: waiting {until}", file=sys.stderr,
               flush=True)
 
-    def open_it():
-        try:
-            result["container"] = av.open(source, mode="r", format=opts.format, options=dict(opts.options),
-                                          timeout=(wait, read) if network else None)
-        except BaseException as exc:  # re-raised in the main thread
-            result["error"] = exc
-
-    opener = threading.Thread(target=open_it, daemon=True, name="frvideo-open")
-    opener.start()
-    while opener.is_alive():
-        opener.join(0.1)
-    exc = result.get("error")
-    if isinstance(exc, av.error.ExitError):
+    try:
+        return call_beside(lambda: av.open(source, mode="r", format=opts.format, options=dict(opts.options),
+                                           timeout=(wait, read) if network else None), "frvideo-open")
+    except av.error.ExitError:
         raise InputError(f"{source}: nothing arrived within {wait:g} s (--input-timeout)") from None
-    if isinstance(exc, (av.error.FFmpegError, ValueError)):
+    except (av.error.FFmpegError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise InputError(f"cannot open {source} ({why})") from None
-    if exc is not None:
-        raise exc
-    return result["container"]
 
 
 def open_reader(source: str, allow_damaged: bool = False, input_options: Optional[InputOptions] = None) -> VideoReader:

@@ -684,23 +684,9 @@ def _open_url_in_thread(target: str, muxer: str, options: dict):
     """av.open of a URL for writing, in a helper thread: a server output (``listen=1``) waits for
     its client inside FFmpeg, where no signal reaches Python; the main thread waits beside it so
     Ctrl-C still stops the run."""
-    import threading
-
-    result: dict = {}
-
-    def open_it():
-        try:
-            result["container"] = av.open(target, mode="w", format=muxer, options=dict(options))
-        except BaseException as exc:  # re-raised in the main thread
-            result["error"] = exc
-
-    opener = threading.Thread(target=open_it, daemon=True, name="frvideo-open-output")
-    opener.start()
-    while opener.is_alive():
-        opener.join(0.1)
-    if "error" in result:
-        raise result["error"]
-    return result["container"]
+    from ..interrupt import call_beside
+    return call_beside(lambda: av.open(target, mode="w", format=muxer, options=dict(options)),
+                       "frvideo-open-output")
 
 
 def open_writer(target: str, info: VideoInfo, opts: EncodeOptions, copy_from=None) -> VideoWriter:
