@@ -38,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-from .pipeline import (FacePipeline, PendingFrame, PipelineOptions, RunStats, _EncoderThread, _END, _Failure,
+from .pipeline import (FacePipeline, abandon_outputs, PendingFrame, PipelineOptions, RunStats, _EncoderThread, _END, _Failure,
                        _producer)
 
 CARRY_SECONDS = 2.0  # a track's last restoration is carried onto later frames for at most this long
@@ -477,13 +477,7 @@ def run_live(source: str, target: str, restorer, detector, options: PipelineOpti
         ok = True
     finally:
         if not ok:
-            try:
-                driver.encoder.close()
-            except BaseException:
-                pass
-            writer.abort()
-            if log is not None:
-                log.abort()
+            abandon_outputs(driver.encoder, writer, log)
         reader.close()
     stats = pipeline.stats
     stats.seconds = driver.stats.seconds

@@ -705,12 +705,18 @@ def run_file(source: str, target: str, restorer: Restorer, detector: FaceDetecto
         stop.set()
         bar.close()
         if not ok:
-            try:
-                encoder.close()
-            except BaseException:
-                pass
-            writer.abort()
-            if log is not None:
-                log.abort()
+            abandon_outputs(encoder, writer, log)
         reader.close()
     return pipeline.stats
+
+
+def abandon_outputs(encoder, writer, log) -> None:
+    """A run that failed or was stopped: stop the encoder thread, remove the partial output and
+    face log (the writer and the log know their partial files)."""
+    try:
+        encoder.close()
+    except BaseException:  # already failing: the first error is the one to report
+        pass
+    writer.abort()
+    if log is not None:
+        log.abort()
