@@ -34,10 +34,8 @@ import json
 import os
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
@@ -48,34 +46,17 @@ from frvideo.faces.align import similarity_transforms  # noqa: E402
 from frvideo.faces.detect import load_detector  # noqa: E402
 from frvideo.faces.tracker import box_iou  # noqa: E402
 from frvideo.identity import IdentityModel  # noqa: E402
-from frvideo.io import open_reader  # noqa: E402
 from frvideo.io.frames import to_rgb  # noqa: E402
 from frvideo.metrics import FlickerMeter, QualityMeter, face_mask  # noqa: E402
 from frvideo.pipeline import FacePipeline, PipelineOptions  # noqa: E402
 from frvideo.restore import load_restorer  # noqa: E402
 from frvideo.train.degradation import Degradation  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from temporal import as_frames, read_clip  # noqa: E402  (bench/temporal.py: the same clip reading)
+
 SHARED = Path(os.environ.get("FRVIDEO_SHARED", REPO.parent / "shared"))
 FAMILIES = ("mild", "vqfr", "simple", "clean")
-
-
-def read_clip(path: Path, frames: int) -> tuple[list[np.ndarray], float]:
-    reader = open_reader(str(path))
-    fps = float(reader.info.average_rate or 25)
-    out = []
-    for f in reader:
-        out.append(to_rgb(f))
-        if len(out) >= frames:
-            break
-    reader.close()
-    return out, fps
-
-
-def as_frames(images: list[np.ndarray], fps: float):
-    for i, img in enumerate(images):
-        f = av.VideoFrame.from_ndarray(img, format="rgb24")
-        f.pts, f.time_base = i, Fraction(1, round(fps))
-        yield f
 
 
 def face_scale(landmarks: np.ndarray) -> float:
