@@ -94,9 +94,10 @@ def add_restore_options(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 (else fp16) on a GPU; on a CPU bf16 only where it has bf16 units "
                         "(avx512_bf16/AMX, Arm bf16), else fp32")
     g.add_argument("--threads", type=_threads, default=None, metavar="N",
-                   help="compute threads for torch, OpenCV and each codec (default: half the usable cores, "
-                        "1..8: decode, detection, restoration and encoding run side by side)")
-    g.add_argument("--batch-size", type=_batch, default=4, help="faces per model call (default 4)")
+                   help="compute threads for torch, OpenCV and each codec (default: the usable cores less one "
+                        "for decode, detection and encoding, which run side by side; both on 2 cores; 1..8)")
+    g.add_argument("--batch-size", type=_batch, default=None,
+                   help="faces per model call (default 4; on a CPU the model card's cpu_batch_size where it has one)")
     g = p.add_argument_group("faces")
     g.add_argument("--detector", default="auto", help="auto, retinaface-resnet50, retinaface-mobile, yunet, embedded (built in)")
     g.add_argument("--detector-weights", help="weight file for --detector")
@@ -538,6 +539,7 @@ def _import_heavy() -> None:
     # OpenMP threads that wait for work sleep instead of spinning: on a machine other jobs keep
     # busy a spinning torch thread burns a core for nothing (must be set before torch loads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _keep_freed_memory()
     with interrupt.deferred():
         import av  # noqa: F401
         import cv2  # noqa: F401
@@ -545,6 +547,26 @@ def _import_heavy() -> None:
         import torch  # noqa: F401
 
         from . import pipeline  # noqa: F401
+
+
+def _keep_freed_memory() -> None:
+    """Let the process reuse the memory of one model call in the next instead of handing it back
+    to the kernel and faulting it in again (page faults cost ~30% of a CPU CodeFormer run's time,
+    measured in bench/README.md "Against the official CodeFormer script"): glibc keeps blocks up
+    to 32 MiB (its largest mmap threshold) on its heap and does not trim the heap; torch places
+    its larger blocks on transparent huge pages (torch reads THP_MEM_ALLOC_ENABLE once, so this
+    runs before torch loads). The command line only: frvideo.Filter leaves its host's allocator
+    alone. Peak memory is unchanged in kind: freed memory is reused, not accumulated."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt  # glibc only; musl and macOS have no mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def restore_command(argv: list[str]) -> int:
@@ -596,7 +618,7 @@ def load_pipeline(args: argparse.Namespace, checked: dict, loaded: dict | None =
     reference_options = _reference_options(args, restorer, detector, device, dtype)
     _check_diffusion_options(args, restorer)
     options = PipelineOptions(
-        batch_size=args.batch_size, fidelity=args.fidelity, min_face=args.min_face,
+        batch_size=args.batch_size or _default_batch_size(restorer, device), fidelity=args.fidelity, min_face=args.min_face,
         only_largest=args.only_largest, track_ids=args.tracks, draw=args.draw, temporal=args.temporal,
         temporal_alpha=args.temporal_alpha, temporal_margin=args.temporal_margin, quiet=args.quiet,
         temporal_strength=args.temporal_strength, temporal_threshold=args.temporal_threshold,
@@ -609,6 +631,16 @@ def load_pipeline(args: argparse.Namespace, checked: dict, loaded: dict | None =
     for key, value in reference_options.items():
         setattr(options, key, value)
     return detector, restorer, options
+
+
+def _default_batch_size(restorer, device: str) -> int:
+    """4 faces per model call, gathered across frames and tracks; on a CPU a model may ask for
+    fewer (codeformer: 1; measured in bench/README.md "Against the official CodeFormer script":
+    batching its 512-px faces gains no speed on a CPU and costs ~0.6 GB per extra face in fp32)."""
+    from .pipeline import PipelineOptions
+    if not str(device).startswith("cuda") and restorer.cpu_batch_size:
+        return restorer.cpu_batch_size
+    return PipelineOptions.batch_size
 
 
 class RestoreSetup:

@@ -5,11 +5,15 @@
   them torch emulates bf16 and a model runs many times slower than in fp32 (measured
   here on an AVX2 CPU: a first batch of 4 CodeFormer faces had not finished after
   581 CPU-s, while a whole fp32 run of the same clip took about 190-240).
-* ``default_threads()``: compute threads for torch (and OpenCV, and each codec):
-  half the cores this process may use, at least 1, at most 8 - decoding, detection,
-  restoration and encoding run side by side, and OpenMP threads that outnumber the
-  free cores spin and waste CPU (one RetinaFace detection: 0.09 CPU-s with 1 thread,
-  1.38 with 2 on a loaded 2-core machine).
+* ``default_threads()``: compute threads for torch (and OpenCV, and each codec): one
+  core left for the pipeline's other stages (decoding, detection ahead, encoding run
+  side by side with the model), at most 8; on a 2-core machine both cores, since leaving
+  one idles half the machine while the model runs: measured there (bench/README.md,
+  "Against the official CodeFormer script"), CodeFormer 39 s wall with 2 threads vs 53 s
+  with 1, lite equal (23.2 s) at +12% CPU. Waiting OpenMP threads sleep
+  (OMP_WAIT_POLICY=PASSIVE, set by the CLI); spinning ones wasted CPU when cores were
+  shared (one RetinaFace detection: 0.09 CPU-s with 1 thread, 1.38 with 2 on a loaded
+  2-core machine, before that setting).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ def usable_cores() -> int:
 
 
 def default_threads() -> int:
-    return max(1, min(8, usable_cores() // 2))
+    cores = usable_cores()
+    return cores if cores <= 2 else min(8, cores - 1)
 
 
 @lru_cache(maxsize=1)

@@ -98,6 +98,13 @@ class Restorer:
         return float(self.config.defaults.get("max_strength", 1.0))
 
     @property
+    def cpu_batch_size(self) -> Optional[int]:
+        """Faces per model call on a CPU when --batch-size is not given (the card's ``defaults:
+        cpu_batch_size``; None: the pipeline's default)."""
+        value = self.config.defaults.get("cpu_batch_size")
+        return int(value) if value else None
+
+    @property
     def device(self) -> torch.device:
         p = next(self.net.parameters(), None)
         return p.device if p is not None else torch.device("cpu")

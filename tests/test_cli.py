@@ -203,6 +203,41 @@ def test_cpu_flags_probe(monkeypatch):
     assert 1 <= hardware.default_threads() <= 8
 
 
+def test_default_threads_leave_one_core_beyond_two(monkeypatch):
+    from frvideo import hardware
+    for cores, threads in ((1, 1), (2, 2), (3, 2), (4, 3), (16, 8), (64, 8)):
+        monkeypatch.setattr(hardware, "usable_cores", lambda c=cores: c)
+        assert hardware.default_threads() == threads, cores
+
+
+def test_batch_size_default_follows_the_card_on_a_cpu():
+    from frvideo import cli
+    from frvideo.models import load_model_config
+    from frvideo.restore import Restorer
+
+    def restorer(name):
+        r = Restorer.__new__(Restorer)  # the card alone: no network is built
+        r.config = load_model_config(name)
+        return r
+
+    codeformer, lite = restorer("codeformer"), restorer("lite")
+    assert codeformer.cpu_batch_size == 1 and lite.cpu_batch_size is None
+    assert cli._default_batch_size(codeformer, "cpu") == 1
+    assert cli._default_batch_size(codeformer, "cuda:0") == 4  # batching pays on a GPU
+    assert cli._default_batch_size(lite, "cpu") == 4
+
+
+def test_command_line_keeps_freed_memory(monkeypatch):
+    """The CLI's allocator settings: torch's THP switch set before torch loads, unless the user set it."""
+    from frvideo import cli
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    cli._keep_freed_memory()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    cli._keep_freed_memory()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
 def test_help_and_version_do_not_load_torch():
     import subprocess
     import sys
