@@ -107,9 +107,10 @@ def add_restore_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--only-largest", action="store_true", help="restore only the largest face of each frame")
     g.add_argument("--tracks", type=_track_list, help="restore only these track ids (see --draw), e.g. 0,2")
     g.add_argument("--draw", action="store_true", help="draw boxes, landmarks and track ids on the output")
-    g.add_argument("--bridge", type=_lookahead, default=8, metavar="N",
+    g.add_argument("--bridge", type=_lookahead, default=None, metavar="N",
                    help="a face the detector misses for up to N frames stays restored: landmarks interpolated "
-                        "between the detections around the gap (predicted with --lookahead 0); 0 = off (default 8)")
+                        "between the detections around the gap (predicted with --lookahead 0); 0 = off "
+                        "(default 8, causal runs 3: measured by bench/bridge.py)")
     g.add_argument("--faces", metavar="FILE.jsonl",
                    help="write every tracked face of every frame (track, box, landmarks, score, detected or "
                         "bridged) as JSON lines, the format `frvideo metrics --boxes` reads")

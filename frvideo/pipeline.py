@@ -72,8 +72,9 @@ class PipelineOptions:
     temporal_flow: bool = True  # ... after warping the previous face onto this one (optical flow)
     smooth_landmarks: bool = True
     lookahead: int = 4  # frames of look-ahead for landmark smoothing; 0 = causal (live)
-    # a track missed by the detector for up to this many frames stays restored (0: never bridge)
-    bridge: int = 8
+    # a track missed by the detector for up to this many frames stays restored (0: never bridge;
+    # None: BRIDGE_INTERPOLATED, or BRIDGE_PREDICTED for causal runs)
+    bridge: Optional[int] = None
     strength: Optional[float] = None  # how much of the restoration to keep; None = auto per face
     keep_detail: bool = True  # keep the input's band wherever the restoration has less signal
     quiet: bool = False
@@ -245,6 +246,22 @@ def crops_to_tensor(crops: np.ndarray, device, dtype) -> torch.Tensor:
     return (t / scale * 2.0 - 1.0).to(dtype)
 
 
+# --bridge's defaults (bench/bridge.py, bench/README.md "Bridging gaps"): the longest gaps whose
+# bridged landmarks stay, at the 95th percentile over every gap on the eval clips, within 0.1 of
+# the inter-ocular distance of RetinaFace's, about what the embedded detector's own detections
+# reach on frontal faces: interpolated between detections (files) 8 frames, predicted from the
+# last motion (causal runs) 3
+BRIDGE_INTERPOLATED = 8
+BRIDGE_PREDICTED = 3
+
+
+def bridge_frames(bridge: Optional[int], lookahead: int) -> int:
+    """--bridge as a run uses it: the option, or its default for a file (look-ahead) or causal run."""
+    if bridge is not None:
+        return bridge
+    return BRIDGE_PREDICTED if lookahead == 0 else BRIDGE_INTERPOLATED
+
+
 def interpolate_face(a: TrackedFace, b: TrackedFace, t: float) -> TrackedFace:
     """The face of a's track at fraction t of the way from detection a to detection b."""
     return TrackedFace(a.track_id, (1 - t) * a.box + t * b.box, (1 - t) * a.landmarks + t * b.landmarks,
@@ -262,7 +279,10 @@ class FacePipeline:
         self.detector = detector
         self.opts = options
         self.size = restorer.input_size
-        self.tracker = FaceTracker(max_missed=max(options.bridge, 1))
+        # causal runs (--lookahead 0) hold no frame back; files wait long enough to bridge a gap
+        self.causal = options.lookahead == 0
+        self.bridge = bridge_frames(options.bridge, options.lookahead)
+        self.tracker = FaceTracker(max_missed=max(self.bridge, 1))
         self.scene_cut = SceneCutDetector()
         if options.temporal not in ("off", "tokens", "full"):
             raise ValueError(f"temporal must be off, tokens or full, not {options.temporal!r}")
@@ -275,9 +295,7 @@ class FacePipeline:
             strength=options.strength, keep_detail=options.keep_detail,
             max_strength=restorer.max_strength))
         self.lookahead = options.lookahead if options.smooth_landmarks else 0
-        # causal runs (--lookahead 0) hold no frame back; files wait long enough to bridge a gap
-        self.causal = options.lookahead == 0
-        self.window_len = 0 if self.causal else max(self.lookahead, options.bridge)
+        self.window_len = 0 if self.causal else max(self.lookahead, self.bridge)
         self.one_euro = OneEuroLandmarks(fps) if options.smooth_landmarks and self.causal else None
         self.history: dict[int, deque] = {}  # track id -> raw landmarks of the last frames
         self.last_detected: dict[int, tuple[PendingFrame, TrackedFace]] = {}  # track id -> its last detection
@@ -347,7 +365,7 @@ class FacePipeline:
             if face.gap and not face.new_track:
                 self._fill_gap(face, index)
             self.last_detected[face.track_id] = (pending, face)
-        if self.causal and self.opts.bridge:
+        if self.causal and self.bridge:
             pending.faces += self._predicted(index)
         return pending
 

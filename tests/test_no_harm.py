@@ -154,6 +154,18 @@ def test_causal_run_predicts_a_missed_face():
     assert pipe.stats.frames_bridged == 2
 
 
+def test_bridge_defaults_differ_for_files_and_causal_runs():
+    """bench/bridge.py: interpolated gaps stay aligned for 8 frames, predicted ones for 3."""
+    from frvideo.pipeline import bridge_frames
+    assert bridge_frames(None, 4) == 8 and bridge_frames(None, 0) == 3
+    assert bridge_frames(5, 0) == 5 and bridge_frames(0, 4) == 0
+    frames = _frames(_textured(16))
+    seen = [i for i in range(16) if not 6 <= i < 10]  # missed for 4 frames: more than a causal run bridges
+    out, pipe = _run(_Texture(), frames, FixedFaceDetector(seen, box=(40, 20, 110, 100)), strength=1.0, lookahead=0)
+    assert pipe.bridge == 3 and pipe.stats.frames_bridged == 3
+    assert _changed(out, frames) == [i in seen or 6 <= i < 9 for i in range(16)]
+
+
 class _MovingFace(FaceDetector):
     """A face moving right 4 px per frame, missed on some frames."""
 

@@ -648,12 +648,12 @@ def test_temporal_state_of_ended_tracks_is_dropped():
     """A face that comes and goes is a new track each time; the face filter must not keep the
     state of every track that ever was (it grew ~2 MB a track with lite until a 256-track cap)."""
     from conftest import FixedFaceDetector
-    from frvideo.pipeline import FacePipeline, PipelineOptions
+    from frvideo.pipeline import BRIDGE_INTERPOLATED, FacePipeline, PipelineOptions
     from frvideo.restore import load_restorer
 
     opts = PipelineOptions(temporal="full", min_face=0, quiet=True, batch_size=2)
     # off > the gap a track is bridged over (--bridge): each appearance is a new track
-    appearances, on, off = 30, 3, opts.bridge + 3
+    appearances, on, off = 30, 3, BRIDGE_INTERPOLATED + 3
     visible = {a * (on + off) + i for a in range(appearances) for i in range(on)}
     pipe = FacePipeline(load_restorer("none"), FixedFaceDetector(visible, box=(30, 15, 90, 85)), opts)
     rng = np.random.default_rng(0)

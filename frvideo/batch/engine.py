@@ -321,7 +321,8 @@ class BatchRun:
                 state="pending", tries=row["tries"] if row is not None else 0)
             segments = self.journal.segments(job.key)
             if not segments:
-                tail = max(job.settings["lookahead"], job.settings["bridge"])
+                from ..pipeline import bridge_frames
+                tail = max(job.settings["lookahead"], bridge_frames(job.settings["bridge"], job.settings["lookahead"]))
                 spans = plan_segments(str(job.input), self.opts.segment_seconds, self.opts.warmup, tail)
                 self.journal.plan(job.key, spans)
                 segments = self.journal.segments(job.key)
