@@ -148,14 +148,15 @@ def test_udp_mpegts_in_and_out_with_audio(tmp_path):
 @needs_ffmpeg
 def test_rtmp_server_input(tmp_path):
     """frvideo listens (--input-option listen=1); ffmpeg publishes flv to it; the publisher
-    hanging up ends the run cleanly, with the audio kept."""
+    hanging up ends the run cleanly, with every frame and the audio kept (2 decoder threads: the
+    frames a threaded decoder still holds when the sender hangs up are drained, not lost)."""
     src = synthetic(tmp_path / "src.mp4")
     port = free_port(socket.SOCK_STREAM)
     url = f"rtmp://127.0.0.1:{port}/live/test"
     out = tmp_path / "out.mkv"
     log = tmp_path / "frvideo.err"
     with open(log, "wb") as err:
-        proc = frvideo([url, str(out), *FAST, "--input-option", "listen=1"], stderr=err)
+        proc = frvideo([url, str(out), *FAST, "--threads", "2", "--input-option", "listen=1"], stderr=err)
         wait_for_line(log, f"listening on {url}", proc)
         time.sleep(0.5)
         sender = ffmpeg("-re", "-i", str(src), "-c", "copy", "-f", "flv", url)

@@ -337,6 +337,13 @@ class VideoReader:
             if self.network:  # a live stream ends by going silent or by its sender hanging up
                 self.ended_by = (f"no data for {self.input.timeout:g} s (--input-timeout)"
                                  if isinstance(exc, av.error.ExitError) else f"the sender ended it ({exc.strerror or exc})")
+                # the decoder still holds the frames a threaded decode had in flight (one per extra
+                # thread): the end of demuxing never reached it, so drain it here, or they are lost
+                for frame in self._drain_decoder():
+                    if frame.pts is None:
+                        frame.pts = index
+                    index += 1
+                    yield frame
                 return
             damage = f"decoding failed after frame {index} ({exc.strerror or exc})"
         failed = self.counter.interrupted if self.counter is not None else None
@@ -359,6 +366,12 @@ class VideoReader:
                 raise InputError(f"{_name(self.source)}: {damage}; repair it, or pass --ignore-damage "
                                  f"to restore the readable part")
             print(f"frvideo: warning: {_name(self.source)}: {damage}; keeping the readable part", file=sys.stderr)
+
+    def _drain_decoder(self) -> list:
+        try:
+            return self.stream.codec_context.decode(None)
+        except av.error.FFmpegError:  # a decoder in error has nothing left to give
+            return []
 
     def _decode_packet(self, packet) -> list:
         """A packet's frames. A network stream joined mid-way starts before its first keyframe and
