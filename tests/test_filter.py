@@ -203,11 +203,10 @@ def test_preset_and_bad_calls(env):
     from frvideo import Filter
 
     rgb = decode(env["bgr0"])[0].to_ndarray(format="rgb24")
-    # the live preset: batch 1, lookahead 0, and no detector named (auto: the best one installed)
+    # the live preset: batch 1, lookahead 0, the built-in detector (installed everywhere)
     flt = Filter(model="none", config="live")
-    assert flt.options.batch_size == 1 and flt.options.lookahead == 0
+    assert flt.options.batch_size == 1 and flt.options.lookahead == 0 and flt.detector == "embedded"
     if (WEIGHTS / "detection_mobilenet0.25_Final.pth").exists():
-        assert flt.detector == "retinaface-mobile"
         with Filter(model="none", config="live", detector="yunet") as other:  # the keyword wins over the preset
             assert other.detector == "yunet"
     assert "H x W x 3" in one_line_error(UsageError, flt.process, rgb[..., 0])

@@ -288,10 +288,10 @@ def test_live_cli_stats_lines(tmp_path, capsys):
 
 
 def test_shipped_live_preset_runs(tmp_path):
-    """The live preset names no detector (auto: whichever is installed) and turns --live on."""
+    """The live preset names the built-in detector (always installed, the quickest) and turns --live on."""
     from frvideo.cli import _apply_config, build_parser
     args = _apply_config(build_parser(), ["in.mp4", "out.mp4", "--config", "live"])
-    assert args.live and args.detector == "auto" and args.lookahead == 0
+    assert args.live and args.detector == "embedded" and args.lookahead == 0
 
 
 def test_fractional_rate_paced_by_timestamps(tmp_path):
