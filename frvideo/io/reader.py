@@ -314,6 +314,15 @@ class VideoReader:
         frame_end: Optional[int] = None  # byte offset after the last whole packet (raw streams)
         video = self.stream.index
         side = self._side
+
+        def numbered(frames):
+            nonlocal index
+            for frame in frames:
+                if frame.pts is None:  # raw/y4m streams: frame index in 1/rate units
+                    frame.pts = index
+                index += 1
+                yield frame
+
         try:
             for packet in self.container.demux(*(() if side is not None else (self.stream,))):
                 if packet.stream.index != video:
@@ -323,11 +332,7 @@ class VideoReader:
                     continue
                 if packet.size and packet.pos is not None and packet.pos >= 0:
                     frame_end = packet.pos + packet.size
-                for frame in self._decode_packet(packet):
-                    if frame.pts is None:  # raw/y4m streams: frame index in 1/rate units
-                        frame.pts = index
-                    index += 1
-                    yield frame
+                yield from numbered(self._decode_packet(packet))
         except av.error.FFmpegError as exc:
             if index == start_index:
                 if isinstance(exc, av.error.ExitError) and self.network:
@@ -339,11 +344,7 @@ class VideoReader:
                                  if isinstance(exc, av.error.ExitError) else f"the sender ended it ({exc.strerror or exc})")
                 # the decoder still holds the frames a threaded decode had in flight (one per extra
                 # thread): the end of demuxing never reached it, so drain it here, or they are lost
-                for frame in self._drain_decoder():
-                    if frame.pts is None:
-                        frame.pts = index
-                    index += 1
-                    yield frame
+                yield from numbered(self._drain_decoder())
                 return
             damage = f"decoding failed after frame {index} ({exc.strerror or exc})"
         failed = self.counter.interrupted if self.counter is not None else None
