@@ -276,9 +276,44 @@ def test_three_stages_train_resume_and_export(tmp_path, capsys):
             assert torch.equal(final[k], unet[k]), k
     out = tmp_path / "ldbfr.pth"
     assert train_main([str(path), "--export", str(out)]) == 0
-    net = LDBFRNet(**TINY)
+    # the run's arch is TINY over the card's (which names the fidelity path)
+    net = LDBFRNet(**{**TINY, "skip_fusion": bool(load_model_config("ldbfr").arch.get("skip_fusion"))})
     load_state_dict_strict(net, {k: v.float() for k, v in read_checkpoint(out, ["params_ema"]).items()}, out)
     capsys.readouterr()
+
+
+def test_v2_chain_keeps_v1_latent_space_and_unet(tmp_path):
+    """lite_codebook may be an LD-BFR checkpoint (its E_HQ / L_HQ), and a v1 network without the
+    fidelity path may start the HQI stage of a skip_fusion network (v1's UNet carries over)."""
+    from plugins.ldbfr.train import DCVQRStage, HQIStage
+    torch.manual_seed(1)
+    v1 = _wake(LDBFRNet(**TINY))
+    v1_path = tmp_path / "v1.pth"
+    torch.save({"params_ema": v1.state_dict()}, v1_path)
+    arch = {**TINY, "skip_fusion": True}
+    cfg = _tiny_cfg("ldbfr-dcvqr", tmp_path, model={"card": "ldbfr", "arch": arch})
+    cfg["plugin"]["lite_codebook"] = str(v1_path)
+    stage = DCVQRStage(cfg, quiet=True)
+    own = stage.net.state_dict()
+    for k, v in v1.state_dict().items():
+        if k.startswith("hq_encoder.") or k.startswith("quantize."):
+            assert torch.equal(own[k], v), k
+    stage.run()
+    cfg = _tiny_cfg("ldbfr-hqi", tmp_path, model={"card": "ldbfr", "arch": arch}, init_from=str(v1_path))
+    cfg["plugin"].update(allow_random_init=False, dcvqr_from=str(tmp_path / "ldbfr-dcvqr" / "last.pth"))
+    hqi = HQIStage(cfg, quiet=True).net.state_dict()
+    dcvqr = torch.load(tmp_path / "ldbfr-dcvqr" / "last.pth", weights_only=True)["params_ema"]
+    for k, v in v1.state_dict().items():
+        if k.startswith("unet."):
+            assert torch.equal(hqi[k], v), k
+    for k in hqi:
+        if k.startswith(("fuse.", "lq_encoder.", "dcam.")):
+            assert torch.equal(hqi[k], dcvqr[k]), k
+    # without a DC-VQR run to bring it, a missing fidelity path is still an error
+    cfg["plugin"]["dcvqr_from"] = None
+    cfg["plugin"]["allow_random_init"] = True
+    with pytest.raises(Exception, match="fuse"):
+        HQIStage(cfg, quiet=True)
 
 
 def test_hqi_stage_without_its_predecessors_is_a_config_error(tmp_path):

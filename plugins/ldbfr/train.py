@@ -172,20 +172,25 @@ class _Stage:
         path = self._need("lite_codebook", "the lite stage-1 codebook run, e.g. /tmp/lite_runs/codebook/last.pth")
         if path:
             state = _read_state(path, "plugin.lite_codebook")
-            _load_prefixed(self.net.hq_encoder, state, "encoder.", path)
+            # an LD-BFR checkpoint may stand in for the lite run: its E_HQ, L_HQ and decoder are that
+            # run's (so a v2 DC-VQR keeps v1's latent space, and v1's trained UNet stays valid)
+            encoder = "hq_encoder." if any(k.startswith("hq_encoder.") for k in state) else "encoder."
+            _load_prefixed(self.net.hq_encoder, state, encoder, path)
             _load_prefixed(self.net.quantize, state, "quantize.", path)
             # stage-1 lite runs predate the decoder's fidelity gate (zero-init, unused here)
             _load_prefixed(self.net.decoder, state, "decoder.", path, optional=("gate.",))
 
-    def _init_from_run(self, key: str, path, modules: Optional[list[str]] = None) -> None:
-        """Load an earlier LD-BFR run's EMA weights (all of them, or the named modules)."""
+    def _init_from_run(self, key: str, path, modules: Optional[list[str]] = None,
+                       later: tuple[str, ...] = ()) -> None:
+        """Load an earlier LD-BFR run's EMA weights (all of them, or the named modules); tensors
+        under the prefixes ``later`` may be missing (another run loads them next)."""
         from frvideo.restore import load_state_dict_strict
         state = _read_state(path, key)
         if modules is None:
-            # cond_var is measured by the HQI stage itself (runs made before it existed lack it)
             own = self.net.state_dict()
-            load_state_dict_strict(self.net, {**({"cond_var": own["cond_var"]} if "cond_var" not in state else {}),
-                                              **state}, path)
+            # cond_var is measured by the HQI stage itself (runs made before it existed lack it)
+            keep = {k: v for k, v in own.items() if k not in state and (k == "cond_var" or k.startswith(later))}
+            load_state_dict_strict(self.net, {**keep, **state}, path)
             return
         for name in modules:
             _load_prefixed(getattr(self.net, name), state, name + ".", path)
@@ -399,9 +404,12 @@ class HQIStage(_LatentStage):
 
     def init_weights(self) -> None:
         path = self.cfg["init_from"] or self._need("init_from", "the ldbfr-unet run's last.pth")
-        if path:
-            self._init_from_run("init_from", path)
         dcvqr = self._need("dcvqr_from", "the ldbfr-dcvqr run's last.pth")
+        if path:
+            # a network without the fidelity path (e.g. the shipped v1 ldbfr.pth, for its UNet and
+            # HQI) may start a skip_fusion run: the DC-VQR run brings decoder and fuse below
+            later = ("fuse.", "decoder.gate.") if self.net.skip_fusion and dcvqr else ()
+            self._init_from_run("init_from", path, later=later)
         if dcvqr:  # with skip_fusion the DC-VQR run also trained the fidelity path (decoder, fuse)
             self._init_from_run("plugin.dcvqr_from", dcvqr,
                                 ["lq_encoder", "dcam"] + (["decoder", "fuse"] if self.net.skip_fusion else []))
