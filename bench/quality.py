@@ -38,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -161,6 +162,14 @@ def main() -> None:
     ap.add_argument("--identity-every", type=int, default=4)
     ap.add_argument("--strength", default="auto")
     ap.add_argument("--no-keep-detail", action="store_true")
+    ap.add_argument("--candidate", action="append", default=[], metavar="LABEL=MODEL:PATH",
+                    help="also run MODEL's network with the weight file PATH, reported as LABEL (a training "
+                         "run's export before it is shipped)")
+    ap.add_argument("--default", action="append", default=[], metavar="LABEL.KEY=VALUE",
+                    help="override a card default of one row's model (e.g. lite-v2.max_strength=1.0)")
+    ap.add_argument("--gain", type=float, default=0.5,
+                    help="the own-model goal: face PSNR above both the input and the classical baseline by "
+                         "this many dB on every degraded family, identity distance at most the input's")
     ap.add_argument("--json")
     ap.add_argument("--panels", help="folder for input | output | clean face panels (first clip frame 12)")
     ap.add_argument("--ented-references", action="store_true",
@@ -173,7 +182,9 @@ def main() -> None:
         rows = {}
         for path in args.merge:
             for key, rs in json.loads(Path(path).read_text()).items():
-                rows.setdefault(tuple(key.split("/", 1)), []).extend(rs)
+                have = rows.setdefault(tuple(key.split("/", 1)), [])
+                # runs of other models on the same clips repeat the input and classical rows: once each
+                have.extend(r for r in rs if all(h["clip"] != r["clip"] for h in have))
         args.families = [f for f in FAMILIES if (f, "input") in rows]
         args.json = None
         report(rows, args)
@@ -187,6 +198,19 @@ def main() -> None:
     truth = load_detector(args.truth_detector)
     identity = IdentityModel()
     restorers = {m: load_restorer(m) for m in args.models}
+    for spec in args.candidate:
+        label, _, target = spec.partition("=")
+        model, _, path = target.partition(":")
+        if not (label and model and path):
+            ap.error(f"--candidate {spec!r}: expected LABEL=MODEL:PATH")
+        restorers[label] = load_restorer(model, weights=path)
+    for spec in args.default:
+        key, _, value = spec.partition("=")
+        label, _, name = key.rpartition(".")  # labels may hold dots (lite@1.0), card keys do not
+        if label not in restorers or not name or not value:
+            ap.error(f"--default {spec!r}: expected LABEL.KEY=VALUE with LABEL one of {', '.join(restorers)}")
+        r = restorers[label]
+        r.config = dataclasses.replace(r.config, defaults={**r.config.defaults, name: yaml.safe_load(value)})
     strength = None if args.strength == "auto" else float(args.strength)
     opts = PipelineOptions(quiet=True, strength=strength, keep_detail=not args.no_keep_detail)
     rows: dict[tuple[str, str], list[dict]] = {}
@@ -212,12 +236,15 @@ def main() -> None:
                 degraded = Degradation(preset, seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps)
             results = {"input": scorer(degraded), "classical": scorer(classical(degraded, boxes))}
             runs = [(name, r, opts) for name, r in restorers.items()]
-            if args.ented_references and "ented" in restorers:
-                size = restorers["ented"].input_size
-                runs += [("ented, other identity", restorers["ented"],
+            panel = {"clean": clean, "degraded": degraded}
+            for name, r in restorers.items() if args.ented_references else ():
+                if r.config.backend != "ented":
+                    continue
+                size = r.input_size
+                runs += [(f"{name}, other identity", r,
                           dataclasses.replace(opts, reference=other_face(all_clips, number, size, truth),
                                               reference_label="another identity")),
-                         ("ented, no reference", restorers["ented"],
+                         (f"{name}, no reference", r,
                           dataclasses.replace(opts, reference=np.full((size, size, 3), 128, np.uint8),
                                               reference_label="flat grey"))]
             for name, r, run_opts in runs:
@@ -226,6 +253,10 @@ def main() -> None:
                                  "strength": stats.mean_strength, "bridged": stats.frames_bridged}
                 if args.panels and family != "clean" or args.panels and name != "none":
                     save_panel(Path(args.panels), clip.stem, family, name, degraded, out, clean, boxes)
+                panel[name] = out
+            if args.panels and family != "clean":
+                panel["classical"] = classical(degraded, boxes)
+                save_row_panel(Path(args.panels), clip.stem, family, panel, boxes)
             for name, res in results.items():
                 rows.setdefault((family, name), []).append({"clip": clip.stem, **res})
                 print(f"{clip.stem:<28} {family:<7} {name:<10} PSNR {res['psnr']:6.2f}  SSIM {res['ssim']:.4f}  "
@@ -239,13 +270,37 @@ def save_panel(folder: Path, clip: str, family: str, name: str, degraded, out, c
     t = min(12, len(clean) - 1)
     if not len(boxes[t]):
         return
+    a, b, c, d = face_window(boxes, clean, t)
+    crops = [cv2.resize(img[b:d, a:c], (384, int(384 * (d - b) / (c - a)))) for img in (degraded[t], out[t], clean[t])]
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f"{clip}_{family}_{name}.png"), cv2.cvtColor(np.hstack(crops), cv2.COLOR_RGB2BGR))
+
+
+def face_window(boxes, clean, t: int):
     x1, y1, x2, y2 = boxes[t][0, :4]
     m = 0.15 * (x2 - x1)
     a, b = int(max(x1 - m, 0)), int(max(y1 - m, 0))
     c, d = int(min(x2 + m, clean[t].shape[1])), int(min(y2 + m, clean[t].shape[0]))
-    crops = [cv2.resize(img[b:d, a:c], (384, int(384 * (d - b) / (c - a)))) for img in (degraded[t], out[t], clean[t])]
+    return a, b, c, d
+
+
+def save_row_panel(folder: Path, clip: str, family: str, frames: dict, boxes) -> None:
+    """One picture per clip and family: clean | degraded | each model | classical (frame 12),
+    each face labelled."""
+    clean = frames["clean"]
+    t = min(12, len(clean) - 1)
+    if not len(boxes[t]):
+        return
+    a, b, c, d = face_window(boxes, clean, t)
+    tiles = []
+    for name, video in frames.items():
+        tile = cv2.resize(video[t][b:d, a:c], (256, int(256 * (d - b) / (c - a))), interpolation=cv2.INTER_AREA)
+        tile = np.ascontiguousarray(tile)
+        cv2.putText(tile, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(tile, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(tile)
     folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / f"{clip}_{family}_{name}.png"), cv2.cvtColor(np.hstack(crops), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / f"{clip}_{family}_all.png"), cv2.cvtColor(np.hstack(tiles), cv2.COLOR_RGB2BGR))
 
 
 def report(rows, args) -> None:
@@ -285,6 +340,24 @@ def report(rows, args) -> None:
                 if r["identity"] > b["identity"] + 0.03:
                     fails.append(f"{r['clip']} ID {r['identity'] - b['identity']:+.3f}")
         lines.append(f"* {fam} / {name}: " + ("met on every clip" if not fails else "NOT met: " + ", ".join(fails)))
+    lines.append(f"\nOwn-model goal per degraded family (means over the clips): face PSNR >= input + {args.gain} dB "
+                 f"and >= classical + {args.gain} dB, identity <= input\n")
+    for (fam, name), rs in rows.items():
+        if name in ("input", "classical", "none") or fam == "clean":
+            continue
+        mean = lambda rows_, k: float(np.mean([r[k] for r in rows_]))  # noqa: E731
+        gain_in = mean(rs, "psnr") - mean(rows[(fam, "input")], "psnr")
+        gain_cl = mean(rs, "psnr") - mean(rows[(fam, "classical")], "psnr")
+        d_id = mean(rs, "identity") - mean(rows[(fam, "input")], "identity")
+        met = gain_in >= args.gain and gain_cl >= args.gain and d_id <= 0
+        lines.append(f"* {fam} / {name}: {gain_in:+.2f} dB over the input, {gain_cl:+.2f} dB over classical, "
+                     f"identity {d_id:+.3f}: {'met' if met else 'NOT met'}")
+    for (fam, name), rs in rows.items():
+        if name.endswith(", other identity") and (fam, name[:-len(", other identity")]) in rows:
+            own = rows[(fam, name[:-len(", other identity")])]
+            diff = float(np.mean([r["psnr"] for r in own]) - np.mean([r["psnr"] for r in rs]))
+            lines.append(f"* {fam} / {name[:-len(', other identity')]}: the track's keyframe is {diff:+.2f} dB "
+                         f"over another identity's reference (goal >= +0.3)")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({f"{f}/{n}": rs for (f, n), rs in rows.items()}, indent=1))
