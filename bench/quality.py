@@ -58,6 +58,7 @@ from temporal import as_frames, read_clip  # noqa: E402  (bench/temporal.py: the
 
 SHARED = Path(os.environ.get("FRVIDEO_SHARED", REPO.parent / "shared"))
 FAMILIES = ("mild", "vqfr", "simple", "clean")
+OTHER_IDENTITY = ", other identity"  # row label suffix: a reference-based model given another person's face
 
 
 def face_scale(landmarks: np.ndarray) -> float:
@@ -234,14 +235,15 @@ def main() -> None:
             else:
                 preset = "ld-bfr-mild" if family == "mild" else "vqfr"
                 degraded = Degradation(preset, seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps)
-            results = {"input": scorer(degraded), "classical": scorer(classical(degraded, boxes))}
+            baseline = classical(degraded, boxes)
+            results = {"input": scorer(degraded), "classical": scorer(baseline)}
             runs = [(name, r, opts) for name, r in restorers.items()]
             panel = {"clean": clean, "degraded": degraded}
             for name, r in restorers.items() if args.ented_references else ():
                 if r.config.backend != "ented":
                     continue
                 size = r.input_size
-                runs += [(f"{name}, other identity", r,
+                runs += [(name + OTHER_IDENTITY, r,
                           dataclasses.replace(opts, reference=other_face(all_clips, number, size, truth),
                                               reference_label="another identity")),
                          (f"{name}, no reference", r,
@@ -255,7 +257,7 @@ def main() -> None:
                     save_panel(Path(args.panels), clip.stem, family, name, degraded, out, clean, boxes)
                 panel[name] = out
             if args.panels and family != "clean":
-                panel["classical"] = classical(degraded, boxes)
+                panel["classical"] = baseline
                 save_row_panel(Path(args.panels), clip.stem, family, panel, boxes)
             for name, res in results.items():
                 rows.setdefault((family, name), []).append({"clip": clip.stem, **res})
@@ -342,10 +344,12 @@ def report(rows, args) -> None:
         lines.append(f"* {fam} / {name}: " + ("met on every clip" if not fails else "NOT met: " + ", ".join(fails)))
     lines.append(f"\nOwn-model goal per degraded family (means over the clips): face PSNR >= input + {args.gain} dB "
                  f"and >= classical + {args.gain} dB, identity <= input\n")
+    def mean(rows_, k):
+        return float(np.mean([r[k] for r in rows_]))
+
     for (fam, name), rs in rows.items():
         if name in ("input", "classical", "none") or fam == "clean":
             continue
-        mean = lambda rows_, k: float(np.mean([r[k] for r in rows_]))  # noqa: E731
         gain_in = mean(rs, "psnr") - mean(rows[(fam, "input")], "psnr")
         gain_cl = mean(rs, "psnr") - mean(rows[(fam, "classical")], "psnr")
         d_id = mean(rs, "identity") - mean(rows[(fam, "input")], "identity")
@@ -353,10 +357,10 @@ def report(rows, args) -> None:
         lines.append(f"* {fam} / {name}: {gain_in:+.2f} dB over the input, {gain_cl:+.2f} dB over classical, "
                      f"identity {d_id:+.3f}: {'met' if met else 'NOT met'}")
     for (fam, name), rs in rows.items():
-        if name.endswith(", other identity") and (fam, name[:-len(", other identity")]) in rows:
-            own = rows[(fam, name[:-len(", other identity")])]
-            diff = float(np.mean([r["psnr"] for r in own]) - np.mean([r["psnr"] for r in rs]))
-            lines.append(f"* {fam} / {name[:-len(', other identity')]}: the track's keyframe is {diff:+.2f} dB "
+        model = name[:-len(OTHER_IDENTITY)]
+        if name.endswith(OTHER_IDENTITY) and (fam, model) in rows:
+            diff = mean(rows[(fam, model)], "psnr") - mean(rs, "psnr")
+            lines.append(f"* {fam} / {model}: the track's keyframe is {diff:+.2f} dB "
                          f"over another identity's reference (goal >= +0.3)")
     print("\n".join(lines))
     if args.json:

@@ -184,13 +184,10 @@ class _Stage:
                        later: tuple[str, ...] = ()) -> None:
         """Load an earlier LD-BFR run's EMA weights (all of them, or the named modules); tensors
         under the prefixes ``later`` may be missing (another run loads them next)."""
-        from frvideo.restore import load_state_dict_strict
         state = _read_state(path, key)
         if modules is None:
-            own = self.net.state_dict()
             # cond_var is measured by the HQI stage itself (runs made before it existed lack it)
-            keep = {k: v for k, v in own.items() if k not in state and (k == "cond_var" or k.startswith(later))}
-            load_state_dict_strict(self.net, {**keep, **state}, path)
+            _load_prefixed(self.net, state, "", path, optional=("cond_var", *later))
             return
         for name in modules:
             _load_prefixed(getattr(self.net, name), state, name + ".", path)
