@@ -536,7 +536,7 @@ def auto_precision(device: str) -> str:
 
 def _import_heavy() -> None:
     """Import the C/C++ extensions up front, with signals deferred (see interrupt.deferred);
-    later imports inside the run (e.g. kornia on the first face) would otherwise be cut."""
+    later imports inside the run (e.g. a plugin's on the first face) would otherwise be cut."""
     # OpenMP threads that wait for work sleep instead of spinning: on a machine other jobs keep
     # busy a spinning torch thread burns a core for nothing (must be set before torch loads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -544,7 +544,6 @@ def _import_heavy() -> None:
     with interrupt.deferred():
         import av  # noqa: F401
         import cv2  # noqa: F401
-        import kornia.filters  # noqa: F401
         import torch  # noqa: F401
 
         from . import pipeline  # noqa: F401

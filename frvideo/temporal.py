@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .faces.crop_filters import gaussian_blur
+
 
 @dataclass
 class _TrackState:
@@ -219,11 +221,8 @@ class FaceFilter:
 
     @staticmethod
     def _blur(x: torch.Tensor, sigma_at_256: float) -> torch.Tensor:
-        from kornia.filters import gaussian_blur2d
         # the kernel scales with the crop so a setting means the same at 256 and 512
-        sigma = sigma_at_256 * x.shape[-1] / 256
-        k = 2 * int(math.ceil(2.5 * sigma)) + 1
-        return gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="replicate")
+        return gaussian_blur(x, sigma_at_256 * x.shape[-1] / 256, "replicate", truncate=2.5)
 
     def _change(self, a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
         """Local |a - b| in [0, 1] units (the tensors are in [-1, 1]), 1 x 1 x S x S."""

@@ -28,17 +28,18 @@ A restorer is trusted only as far as it helps. For each face, in the aligned cro
 
 The output is the *change* to the input crop, which the pipeline warps back and adds
 to the decoded frame (``blend.py``), so what the model did not change stays bit-exact.
-The pyramids are kornia's (batched); the band rule is written here because it is
-specific to restored-vs-input crops.
+The blurs and pyramids are OpenCV's (crop_filters.py: kornia's definitions, a fraction of
+the time); the band rule is written here because it is specific to restored-vs-input crops.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
 import torch
+
+from .crop_filters import gaussian_blur, pyr_down, pyr_up
 
 LEVELS = 4  # detail levels of the Laplacian pyramid; the residual below them is the colour band
 LUMA = (0.299, 0.587, 0.114)
@@ -79,35 +80,28 @@ MATCH_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.25, 3.0, 4.5, 6.0)
 
 
 def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    from kornia.filters import gaussian_blur2d
-    if sigma <= 0:
-        return x
-    k = 2 * int(math.ceil(3 * sigma)) + 1
-    return gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="reflect")
+    return gaussian_blur(x, sigma, "reflect")
 
 
 def _window(x: torch.Tensor) -> torch.Tensor:
     """Local mean over a 5 x 5 Gaussian window (the pyramid's own kernel) at the band's scale."""
-    from kornia.filters import gaussian_blur2d
-    return gaussian_blur2d(x, (5, 5), (1.0, 1.0), border_type="reflect")
+    return gaussian_blur(x, 1.0, "reflect")
 
 
 def _pyramid(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Laplacian pyramid: LEVELS detail bands (full size first) and the low-pass residual."""
-    from kornia.geometry.transform import pyrdown, pyrup
     bands = []
     for _ in range(LEVELS):
-        low = pyrdown(x)
-        bands.append(x - pyrup(low)[..., :x.shape[-2], :x.shape[-1]])
+        low = pyr_down(x)
+        bands.append(x - pyr_up(low)[..., :x.shape[-2], :x.shape[-1]])
         x = low
     return bands, x
 
 
 def _collapse(bands: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
-    from kornia.geometry.transform import pyrup
     x = residual
     for b in reversed(bands):
-        x = pyrup(x)[..., :b.shape[-2], :b.shape[-1]] + b
+        x = pyr_up(x)[..., :b.shape[-2], :b.shape[-1]] + b
     return x
 
 
@@ -188,9 +182,8 @@ class FaceBlend:
         with the input ``x`` (both [0, 1]), region by region. Worked out at half size: the
         disagreement that matters is coarse."""
         import torch.nn.functional as F
-        from kornia.geometry.transform import pyrdown
 
-        lx, lo, m = pyrdown(x), pyrdown(out), F.avg_pool2d(mask, 2)
+        lx, lo, m = pyr_down(x), pyr_down(out), F.avg_pool2d(mask, 2)
         errs = torch.stack([((_gauss(lo, s) - lx) ** 2 * m).sum((1, 2, 3)) for s in MATCH_SIGMAS], 1)
         best = errs.argmin(1).tolist()
         matched = torch.cat([_gauss(lo[i:i + 1], MATCH_SIGMAS[b]) for i, b in enumerate(best)])
