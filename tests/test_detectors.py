@@ -297,3 +297,18 @@ def test_nms():
     assert nms(boxes, scores, 0.4).tolist() == [1, 3, 2]
     assert nms(boxes, scores, 0.3).tolist() == [1, 2]
     assert nms(boxes[:0], scores[:0], 0.4).tolist() == []
+
+
+def test_batchnorm_folding_keeps_the_network_outputs():
+    from frvideo.faces.embedded import SHIPPED_WEIGHTS, load_embedded_net
+    from frvideo.nn.fuse import fuse_conv_batchnorm
+    x = torch.randn(1, 3, 128, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load_embedded_net(SHIPPED_WEIGHTS)[0](x)
+        fused_net = fuse_conv_batchnorm(load_embedded_net(SHIPPED_WEIGHTS)[0])
+        out = fused_net(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused_net.modules())
+    for a, b in zip(ref, out):
+        assert torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="eval"):
+        fuse_conv_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)))
