@@ -278,7 +278,7 @@ class FacePipeline:
         self.restorer = restorer
         self.detector = detector
         self.opts = options
-        self.size = int(__import__("os").environ.get("FRVIDEO_FACE_SIZE", restorer.input_size))  # TEMP
+        self.size = restorer.input_size
         # causal runs (--lookahead 0) hold no frame back; files wait long enough to bridge a gap
         self.causal = options.lookahead == 0
         self.bridge = bridge_frames(options.bridge, options.lookahead)
