@@ -18,7 +18,10 @@ frame's deadline (from the time its last restorations took) and skips older
 ones, which then leave at once with carried faces; a restoration that comes
 back after its frame left still updates what its track carries. When even
 detection falls behind (a frame would be late before its detection is done),
-the frame is passed through undetected.
+the frame is not detected: each track seen lately continues along its last
+motion for up to ``--bridge`` frames (the causal bridge's prediction, in video
+frames) and takes its carried change there ("predicted"); a frame with no such
+track is passed through undetected.
 
 A file or pipe input is paced at its timestamps (as ``ffmpeg -re`` does), so a
 recording stands in for a camera; network inputs and devices arrive in real
@@ -38,8 +41,10 @@ from typing import Optional
 
 import numpy as np
 
+from .faces.tracker import TrackedFace
+from .io.frames import to_rgb, to_rgb8
 from .pipeline import (FacePipeline, abandon_outputs, PendingFrame, PipelineOptions, RunStats, _EncoderThread, _END, _Failure,
-                       _producer)
+                       _producer, damped_drift)
 
 CARRY_SECONDS = 2.0  # a track's last restoration is carried onto later frames for at most this long
 EMA = 0.3  # weight of the newest measurement in the running time estimates
@@ -61,9 +66,11 @@ class LiveStats:
     carried: int = 0  # frames with at least one face carried from its track's last restoration
     raw: int = 0  # frames with faces that went out unrestored (no restoration to carry, or late)
     late: int = 0  # ... of them: frames passed through undetected because detection itself was behind
+    predicted: int = 0  # carried frames not detected (detection behind): faces at their tracks' predicted place
     no_face: int = 0
     latencies: list = field(default_factory=list)  # seconds, per frame out
-    # per frame out, in order: F fresh, C carried, R passed through, L undetected (late), N no face
+    # per frame out, in order: F fresh, C carried, P carried onto predicted faces (detection late),
+    # R passed through, L undetected (late), N no face
     kinds: bytearray = field(default_factory=bytearray)
     seconds: float = 0.0
 
@@ -89,9 +96,11 @@ def describe(s: LiveStats, seconds: float, since: Optional[LiveStats] = None) ->
     faces = fresh + carried + raw
     pct = (lambda n: f" ({100 * n / faces:.0f}%)") if faces else (lambda n: "")
     rate = (lambda n: f"{n / seconds:.1f} fps") if seconds > 0 else (lambda n: "- fps")
-    late = s.late - base.late
+    late, predicted = s.late - base.late, s.predicted - base.predicted
     return (f"{d_in} frames in ({rate(d_in)}), {d_out} out ({rate(d_out)}); faces {fresh} fresh{pct(fresh)}, "
-            f"{carried} carried{pct(carried)}, {raw} passed through{pct(raw)}"
+            f"{carried} carried{pct(carried)}"
+            + (f" (of them {predicted} undetected, faces predicted: detection late)" if predicted else "")
+            + f", {raw} passed through{pct(raw)}"
             + (f" (of them {late} undetected: detection late)" if late else "")
             + f", {s.no_face - base.no_face} frames without faces"
             + f"; added latency p50 {s.latency_ms(50, base.frames_out):.0f} ms, "
@@ -106,9 +115,11 @@ class _Slot:
     arrival: float
     deadline: float
     # arrived (waits for detection), detecting, queued (faces wait for the worker), running, done,
-    # skipped (its faces will be carried), none (no face), late (passed through undetected)
+    # skipped (its faces will be carried), none (no face), late (passed through undetected),
+    # predicted (not detected: faces predicted from their tracks' motion, to carry onto)
     state: str
     late: bool = False
+    predicted: bool = False
     gone: bool = False  # it has left (on its deadline, possibly before its detection or restoration ended)
 
 
@@ -134,6 +145,8 @@ class LiveDriver:
         self.slots: deque[_Slot] = deque()
         self.events: queue.Queue = queue.Queue(maxsize=max(16, int(2 * fps)))
         self.carry: dict[int, tuple[int, Optional[np.ndarray]]] = {}  # track -> (frame index, change)
+        # track -> (video frame index, face, landmark motion per video frame) at its last detection
+        self.motion: dict[int, tuple[int, TrackedFace, Optional[np.ndarray]]] = {}
         self.max_carry = max(1, int(round(CARRY_SECONDS * fps)))
         # running estimates (seconds): restoration per face, detection+alignment, paste, encode
         self.restore_per_face: Optional[float] = None
@@ -233,9 +246,7 @@ class LiveDriver:
             while True:
                 slot = self.to_detect.get()
                 while slot is not None and not self.to_detect.empty():
-                    with self.lock:
-                        if not slot.gone:
-                            slot.state, slot.late = "late", True
+                    self._undetected(slot)
                     slot = self.to_detect.get()
                 if slot is None:
                     return
@@ -243,15 +254,18 @@ class LiveDriver:
                 with self.lock:
                     if slot.gone:
                         continue
-                    if t0 + self.detect_s > slot.deadline:
-                        slot.state, slot.late = "late", True
+                    too_late = t0 + self.detect_s > slot.deadline
+                    if too_late:
                         self.detect_s *= 1 - EMA  # one slow detection must not keep every later frame undetected
-                        self._wake()
-                        continue
-                    slot.state = "detecting"
+                    else:
+                        slot.state = "detecting"
+                if too_late:
+                    self._undetected(slot)
+                    continue
                 p = self.pipeline._detect(slot.pending.index, self.pipeline._find_faces(slot.pending.frame))
                 self.pipeline._align(p, [])
                 p.rgb = None  # only detection and alignment (done) read it
+                self._remember_motion(p)
                 self.detect_s = (1 - EMA) * self.detect_s + EMA * (time.monotonic() - t0)
                 with self.work:
                     if not slot.gone:  # (one that left meanwhile is not restored: its frame is out)
@@ -263,6 +277,50 @@ class LiveDriver:
         except BaseException as exc:  # re-raised in the main thread
             self.error = exc
             self._wake()
+
+    def _remember_motion(self, p: PendingFrame) -> None:
+        """Detection thread: each detected face's place and its motion per video frame (the
+        tracker counts its own updates, which skip the frames detection was late for)."""
+        for face in p.faces:
+            if face.bridged:
+                continue
+            last = None if face.new_track else self.motion.get(face.track_id)
+            velocity = None if last is None else (face.landmarks - last[1].landmarks) / max(p.index - last[0], 1)
+            self.motion[face.track_id] = (p.index, face, velocity)
+        if len(self.motion) > 2 * len(self.pipeline.tracker.tracks) + 16:  # forget ended tracks
+            alive = {t.id for t in self.pipeline.tracker.tracks}
+            self.motion = {k: v for k, v in self.motion.items() if k in alive}
+
+    def _undetected(self, slot: _Slot) -> None:
+        """Detection thread: a frame detection is too late for. Each track seen in the last
+        ``bridge`` frames (at least 3 times) continues along its last motion, as the causal bridge
+        predicts a missed face, so the frame can take the tracks' carried changes; with none it is
+        passed through undetected. Frames come here in order, so landmark smoothing and the scene
+        cut check see every frame once."""
+        pipe = self.pipeline
+        faces = []
+        if pipe.bridge and not slot.gone:
+            if pipe._check_scene_cut(to_rgb8(to_rgb(slot.pending.frame))):
+                self.motion.clear()
+            hits = {t.id: t.hits for t in pipe.tracker.tracks}
+            for tid, (index, face, velocity) in self.motion.items():
+                steps = slot.pending.index - index
+                if hits.get(tid, 0) < 3 or not 0 < steps <= pipe.bridge:
+                    continue
+                drift = damped_drift(velocity, steps)
+                faces.append(TrackedFace(tid, face.box + np.tile(drift.mean(0), 2), face.landmarks + drift,
+                                         face.score, bridged=True))
+        p = None
+        if faces:
+            p = PendingFrame(slot.pending.index, slot.pending.frame)
+            pipe.paste_only(p, faces)
+        with self.lock:
+            if not slot.gone:
+                if p is not None and p.jobs:
+                    slot.pending, slot.state, slot.predicted = p, "predicted", True
+                else:
+                    slot.state, slot.late = "late", True
+        self._wake()
 
     def _emit_due(self) -> None:
         """Hand every frame at the head that is ready, or due, to the encoder, in order."""
@@ -305,7 +363,11 @@ class LiveDriver:
 
     def _count(self, slot: _Slot, kinds: list[str]) -> None:
         s = self.stats
-        if slot.late:
+        if slot.predicted and "carried" in kinds:
+            s.carried += 1
+            s.predicted += 1
+            s.kinds += b"P"
+        elif slot.late or slot.predicted:  # (predicted faces with nothing to carry: as it came)
             s.raw += 1
             s.late += 1
             s.kinds += b"L"

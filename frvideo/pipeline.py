@@ -101,7 +101,7 @@ class PipelineOptions:
 class FaceJob:
     face: TrackedFace
     transform: np.ndarray
-    crop: np.ndarray
+    crop: Optional[np.ndarray]  # aligned input face; None for a paste-only job (live: nothing restored from it)
     frame_index: int
     mask: np.ndarray  # crop-space blend mask (the face outline)
     done: bool = False
@@ -255,6 +255,12 @@ BRIDGE_INTERPOLATED = 8
 BRIDGE_PREDICTED = 3
 
 
+def damped_drift(velocity: Optional[np.ndarray], steps: int) -> np.ndarray:
+    """How far a face missed for ``steps`` frames has moved (5 x 2 landmarks): its last motion
+    per frame, halving each frame (a damped continuation: a face rarely keeps moving straight)."""
+    return np.zeros((5, 2)) if velocity is None else velocity * 2 * (1 - 0.5 ** steps)
+
+
 def bridge_frames(bridge: Optional[int], lookahead: int) -> int:
     """--bridge as a run uses it: the option, or its default for a file (look-ahead) or causal run."""
     if bridge is not None:
@@ -350,15 +356,7 @@ class FacePipeline:
 
     def _detect(self, index: int, found: tuple) -> PendingFrame:
         frame, rgb, rgb8, detections = found
-        if self.scene_cut(rgb8):
-            self.tracker.reset()
-            self.last_detected.clear()
-            if self.smoother is not None:
-                self.smoother.reset()
-            if self.face_filter is not None:
-                self.face_filter.reset()
-            if self.one_euro is not None:
-                self.one_euro.reset()
+        self._check_scene_cut(rgb8)
         tracked = self.tracker.update(detections)
         pending = PendingFrame(index, frame, rgb=rgb, faces=list(tracked))
         for face in tracked:
@@ -368,6 +366,20 @@ class FacePipeline:
         if self.causal and self.bridge:
             pending.faces += self._predicted(index)
         return pending
+
+    def _check_scene_cut(self, rgb8: np.ndarray) -> bool:
+        """A cut (in frame order): every track, smoothing and filter state starts over."""
+        if not self.scene_cut(rgb8):
+            return False
+        self.tracker.reset()
+        self.last_detected.clear()
+        if self.smoother is not None:
+            self.smoother.reset()
+        if self.face_filter is not None:
+            self.face_filter.reset()
+        if self.one_euro is not None:
+            self.one_euro.reset()
+        return True
 
     def _fill_gap(self, face: TrackedFace, index: int) -> None:
         """The track was missed for ``face.gap`` frames before ``index``: give each frame of the
@@ -391,8 +403,7 @@ class FacePipeline:
                 continue
             face = last[1]
             steps = index - t.last_frame
-            # a damped continuation: the last motion per frame, halving each frame
-            drift = np.zeros((5, 2)) if t.velocity is None else t.velocity * 2 * (1 - 0.5 ** steps)
+            drift = damped_drift(t.velocity, steps)
             out.append(TrackedFace(t.id, face.box + np.tile(drift.mean(0), 2), face.landmarks + drift,
                                    face.score, bridged=True))
         return out
@@ -425,17 +436,32 @@ class FacePipeline:
             out.append((q.index, crop, face.landmarks, face.score))
         return out
 
+    def _jobs(self, p: PendingFrame, landmarks: np.ndarray, with_crops: bool) -> list[FaceJob]:
+        """One job per chosen face: its transform into the crop and its blend mask, and (to be
+        restored) its aligned crop."""
+        transforms = similarity_transforms(landmarks, self.size)
+        crops = warp_faces(p.rgb, transforms, self.size) if with_crops else [None] * len(transforms)
+        in_crop = np.einsum("nij,nkj->nki", transforms[:, :, :2], landmarks) + transforms[:, None, :, 2]
+        return [FaceJob(f, A, c, p.index, outline_mask(lm, self.size))
+                for f, A, c, lm in zip(p.chosen, transforms, crops, in_crop)]
+
+    def paste_only(self, p: PendingFrame, faces: list[TrackedFace]) -> None:
+        """Causal drivers (live.py) whose detection is late for frame ``p``: ``faces`` (predicted
+        from their tracks' motion) get jobs that can only take a change carried from their track's
+        last restoration (transform and mask, no crop: nothing is restored from this frame). The
+        landmarks go through the same smoothing as detected ones, in frame order."""
+        p.faces = faces
+        p.chosen = select_faces(faces, self.opts.min_face, self.opts.only_largest, self.opts.track_ids)
+        if p.chosen:
+            p.jobs = self._jobs(p, np.stack([self._smoothed_landmarks(f, []) for f in p.chosen]), with_crops=False)
+
     # alignment, once the look-ahead frames of this one are known
     def _align(self, p: PendingFrame, future: list[PendingFrame]) -> None:
         p.chosen = select_faces(p.faces, self.opts.min_face, self.opts.only_largest, self.opts.track_ids)
         if not p.chosen:
             return
         landmarks = np.stack([self._smoothed_landmarks(f, future) for f in p.chosen])
-        transforms = similarity_transforms(landmarks, self.size)
-        crops = warp_faces(p.rgb, transforms, self.size)
-        in_crop = np.einsum("nij,nkj->nki", transforms[:, :, :2], landmarks) + transforms[:, None, :, 2]
-        p.jobs = [FaceJob(f, A, c, p.index, outline_mask(lm, self.size))
-                  for f, A, c, lm in zip(p.chosen, transforms, crops, in_crop)]
+        p.jobs = self._jobs(p, landmarks, with_crops=True)
         if self.keyframes is not None:
             for j in p.jobs:
                 j.reference = self.keyframes.update(

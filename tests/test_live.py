@@ -302,3 +302,44 @@ def test_fractional_rate_paced_by_timestamps(tmp_path):
     _, live = run_live(str(src), str(tmp_path / "o.nut"), NegateRestorer(), FixedFaceDetector(()), opts,
                        LiveOptions(stats_interval=0))
     assert time.monotonic() - t0 >= 0.7 and live.frames_out == 10 and live.no_face == 10
+
+
+class SlowFixedFaceDetector(FixedFaceDetector):
+    """A face on every frame, found ``delay`` seconds after it was asked for."""
+
+    def __init__(self, delay: float):
+        super().__init__(range(10_000))
+        self.delay = delay
+
+    def detect(self, image_rgb):
+        time.sleep(self.delay)
+        return super().detect(image_rgb)
+
+
+def test_live_frames_detection_is_late_for_carry_onto_predicted_faces(tmp_path):
+    """Detection 2x slower than the frame rate: the frames it skips are not passed through raw
+    (the output would toggle restored / unrestored) but take their track's carried change at the
+    place the track's motion predicts (a still face here: its own place)."""
+    src = make_clip(tmp_path / "src.mp4", n=50, size=(96, 64))
+    dst = tmp_path / "out.nut"
+    opts = PipelineOptions(quiet=True, min_face=0, temporal="off", strength=1.0,
+                           encode=EncodeOptions(codec="rawvideo"), input=InputOptions())
+    stats, live = run_live(str(src), str(dst), NegateRestorer(0.0), SlowFixedFaceDetector(0.08), opts,
+                           LiveOptions(max_latency=0.5, stats_interval=0))
+    kinds = live.kinds.decode()
+    assert live.frames_out == 50 and len(kinds) == 50
+    assert live.predicted >= 10 and kinds.count("P") == live.predicted, kinds
+    assert live.predicted <= live.carried
+    assert live.fresh + live.carried + live.raw + live.no_face == 50
+    # a still face: a predicted frame gets exactly the change a recent fresh restoration made
+    # (the blend keeps little of a negated face, sometimes nothing; the carried change is that)
+    src_frames, out_frames = _frames(src), _frames(dst)
+    face = (slice(14, 50), slice(24, 56))
+    deltas = [y[face] - x[face] for x, y in zip(src_frames, out_frames)]
+    for i, kind in enumerate(kinds):
+        if kind in "RL":
+            assert not deltas[i].any()
+        elif kind == "P":
+            recent = [deltas[j] for j in range(max(0, i - 4), i) if kinds[j] == "F"]
+            assert recent and min(np.abs(deltas[i] - d).mean() for d in recent) < 0.5, (i, kinds)
+    assert any(deltas[i].any() for i, k in enumerate(kinds) if k == "P")
