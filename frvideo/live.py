@@ -42,9 +42,8 @@ from typing import Optional
 import numpy as np
 
 from .faces.tracker import TrackedFace
-from .io.frames import to_rgb, to_rgb8
 from .pipeline import (FacePipeline, abandon_outputs, PendingFrame, PipelineOptions, RunStats, _EncoderThread, _END, _Failure,
-                       _producer, damped_drift)
+                       _producer, continued_face)
 
 CARRY_SECONDS = 2.0  # a track's last restoration is carried onto later frames for at most this long
 EMA = 0.3  # weight of the newest measurement in the running time estimates
@@ -131,6 +130,14 @@ class _Wake:
 
 
 _WAKE = _Wake()
+
+
+def _scene_cut_view(frame) -> np.ndarray:
+    """The frame as the scene cut check needs it (it looks at a 32 x 32 grey thumbnail), scaled
+    down by swscale on the way to RGB: a full-size conversion would cost a late frame's
+    detection thread several milliseconds for nothing."""
+    w, h = max(1, frame.width // 4), max(1, frame.height // 4)
+    return frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
 
 
 class LiveDriver:
@@ -300,16 +307,13 @@ class LiveDriver:
         pipe = self.pipeline
         faces = []
         if pipe.bridge and not slot.gone:
-            if pipe._check_scene_cut(to_rgb8(to_rgb(slot.pending.frame))):
+            if pipe._check_scene_cut(_scene_cut_view(slot.pending.frame)):
                 self.motion.clear()
             hits = {t.id: t.hits for t in pipe.tracker.tracks}
             for tid, (index, face, velocity) in self.motion.items():
                 steps = slot.pending.index - index
-                if hits.get(tid, 0) < 3 or not 0 < steps <= pipe.bridge:
-                    continue
-                drift = damped_drift(velocity, steps)
-                faces.append(TrackedFace(tid, face.box + np.tile(drift.mean(0), 2), face.landmarks + drift,
-                                         face.score, bridged=True))
+                if hits.get(tid, 0) >= 3 and 0 < steps <= pipe.bridge:
+                    faces.append(continued_face(face, velocity, steps))
         p = None
         if faces:
             p = PendingFrame(slot.pending.index, slot.pending.frame)
@@ -489,7 +493,6 @@ def warm_up(restorer, detector, options: PipelineOptions, fps: float, frame) -> 
 
     from .faces.align import template
     from .faces.blend import template_mask
-    from .faces.tracker import TrackedFace
     from .pipeline import FaceJob
 
     scratch = FacePipeline(restorer, detector, dataclasses.replace(options, quiet=True), fps)

@@ -255,10 +255,13 @@ BRIDGE_INTERPOLATED = 8
 BRIDGE_PREDICTED = 3
 
 
-def damped_drift(velocity: Optional[np.ndarray], steps: int) -> np.ndarray:
-    """How far a face missed for ``steps`` frames has moved (5 x 2 landmarks): its last motion
-    per frame, halving each frame (a damped continuation: a face rarely keeps moving straight)."""
-    return np.zeros((5, 2)) if velocity is None else velocity * 2 * (1 - 0.5 ** steps)
+def continued_face(face: TrackedFace, velocity: Optional[np.ndarray], steps: int) -> TrackedFace:
+    """Where a face last seen ``steps`` frames ago is predicted now (bridged): its last landmark
+    motion per frame, halving each frame (a damped continuation: a face rarely keeps moving
+    straight)."""
+    drift = np.zeros((5, 2)) if velocity is None else velocity * 2 * (1 - 0.5 ** steps)
+    return TrackedFace(face.track_id, face.box + np.tile(drift.mean(0), 2), face.landmarks + drift,
+                       face.score, bridged=True)
 
 
 def bridge_frames(bridge: Optional[int], lookahead: int) -> int:
@@ -401,11 +404,7 @@ class FacePipeline:
             last = self.last_detected.get(t.id)
             if last is None or t.hits < 3:
                 continue
-            face = last[1]
-            steps = index - t.last_frame
-            drift = damped_drift(t.velocity, steps)
-            out.append(TrackedFace(t.id, face.box + np.tile(drift.mean(0), 2), face.landmarks + drift,
-                                   face.score, bridged=True))
+            out.append(continued_face(last[1], t.velocity, index - t.last_frame))
         return out
 
     def _smoothed_landmarks(self, face: TrackedFace, future: list[PendingFrame]) -> np.ndarray:
