@@ -79,10 +79,6 @@ class BlendSettings:
 MATCH_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.25, 3.0, 4.5, 6.0)
 
 
-def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return gaussian_blur(x, sigma, "reflect")
-
-
 def _window(x: torch.Tensor) -> torch.Tensor:
     """Local mean over a 5 x 5 Gaussian window (the pyramid's own kernel) at the band's scale."""
     return gaussian_blur(x, 1.0, "reflect")
@@ -184,13 +180,14 @@ class FaceBlend:
         import torch.nn.functional as F
 
         lx, lo, m = pyr_down(x), pyr_down(out), F.avg_pool2d(mask, 2)
-        errs = torch.stack([((_gauss(lo, s) - lx) ** 2 * m).sum((1, 2, 3)) for s in MATCH_SIGMAS], 1)
+        blurred = [gaussian_blur(lo, s) for s in MATCH_SIGMAS]
+        errs = torch.stack([((b - lx) ** 2 * m).sum((1, 2, 3)) for b in blurred], 1)
         best = errs.argmin(1).tolist()
-        matched = torch.cat([_gauss(lo[i:i + 1], MATCH_SIGMAS[b]) for i, b in enumerate(best)])
+        matched = torch.cat([blurred[b][i:i + 1] for i, b in enumerate(best)])
         # the disagreement is blurred *signed*: noise and compression error (what even a perfect
         # restoration disagrees with the input by) average out over the window, an invented or
         # moved structure does not
-        r = _gauss(matched - lx, 1.5).abs().mean(1, keepdim=True)
+        r = gaussian_blur(matched - lx, 1.5).abs().mean(1, keepdim=True)
         t = torch.sqrt(self.s.consistency_threshold ** 2 + (self.s.noise_allowance * noise) ** 2)
         w = torch.exp(-(r / t[:, None, None, None]) ** 2)
         return F.interpolate(w, size=x.shape[-2:], mode="bilinear", align_corners=False)
