@@ -843,5 +843,23 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.uninstall()
 
 
+def entry() -> None:
+    """The ``frvideo`` command (and ``python -m frvideo``): main(), then exit with its code. After
+    an interruption (a signal, a closed pipe) the output is already removed and the message out;
+    the process then leaves at once (os._exit after flushing) instead of finalising the
+    interpreter while the decode, detection and encoder threads may still be inside OpenCV,
+    torch or FFmpeg: a SIGTERM mid-run once ended in SIGSEGV (-11) after its message that way
+    (tests/test_reliability.py, about 1 run in 100)."""
+    code = main()
+    if code > 128:  # 128 + the signal (SIGHUP 129, SIGINT 130, SIGTERM 143, ...)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # a closed or vanished pipe: nothing more can reach it
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
