@@ -22,7 +22,7 @@ the output face vs the clean face, every ``--identity-every``-th frame), TDC and
 goals (PSNR >= input - 0.2 dB, identity <= input + 0.03; clean: PSNR >= 38 dB).
 
     FRVIDEO_HOME=<detectors> OMP_NUM_THREADS=1 python bench/quality.py \\
-        [--models none lite ented ldbfr] [--families mild vqfr simple clean] [--frames 24] \\
+        [--models none lite lite@int8 ented ldbfr] [--families mild vqfr simple clean] [--frames 24] \\
         [--detector retinaface-mobile] [--clips retalk_1 ...] [--json out.json] [--panels DIR]
     python bench/quality.py --merge clip1.json clip2.json ...   # one table from per-clip runs
 """
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ from frvideo.identity import IdentityModel  # noqa: E402
 from frvideo.io.frames import to_rgb  # noqa: E402
 from frvideo.metrics import FlickerMeter, QualityMeter, face_mask  # noqa: E402
 from frvideo.pipeline import FacePipeline, PipelineOptions  # noqa: E402
-from frvideo.restore import load_restorer  # noqa: E402
+from frvideo.restore import INT8, load_restorer  # noqa: E402
 from frvideo.train.degradation import Degradation  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -198,7 +199,9 @@ def main() -> None:
     detector = load_detector(args.detector)
     truth = load_detector(args.truth_detector)
     identity = IdentityModel()
-    restorers = {m: load_restorer(m) for m in args.models}
+    # MODEL@int8: the model's int8 graphs (--precision int8)
+    restorers = {m: load_restorer(m.removesuffix("@int8"), dtype=INT8 if m.endswith("@int8") else torch.float32)
+                 for m in args.models}
     for spec in args.candidate:
         label, _, target = spec.partition("=")
         model, _, path = target.partition(":")

@@ -90,7 +90,7 @@ def add_restore_options(p: argparse.ArgumentParser) -> None:
                    help="diffusion models: new noise every frame instead of noise locked per track (flickers; "
                         "for comparisons)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
                    help="auto: bf16 (else fp16) on a GPU; on a CPU bf16 only where it has bf16 units "
                         "(avx512_bf16/AMX, Arm bf16), else fp32")
     g.add_argument("--threads", type=_threads, default=None, metavar="N",
@@ -468,6 +468,14 @@ def validate_model_args(args: argparse.Namespace, check: _OptionCheck) -> dict:
         if card.weights is None:
             check.fail("weights", f"model {model!r} takes no weight file")
         check_weights_path(args.weights, "--weights")
+    if args.precision == "int8":
+        from .restore import int8_hint
+        if not card.int8:
+            check.fail("precision", f"int8 is not available for {model!r} ({int8_hint()})")
+        built_for = float(card.int8.get("fidelity", 1.0))
+        if args.fidelity is not None and abs(args.fidelity - built_for) > 1e-6:
+            check.fail("fidelity", f"{model}'s int8 graphs are built for --fidelity {built_for:g}; "
+                                   f"use --precision fp32 for another fidelity")
     if args.detector != "auto":
         detector_card = _card_of_kind(check, "detector", args.detector, "detector")
         if args.detector_weights is not None and detector_card.weights is None:
@@ -512,6 +520,13 @@ def _device_and_dtype(device: str, precision: str):
         precision = auto_precision(device)
     if precision == "fp16" and device == "cpu":
         raise UsageError("--precision fp16 needs a GPU; on CPU use fp32 or bf16")
+    if precision == "int8":
+        if device != "cpu":
+            raise UsageError("--precision int8 runs on the CPU (ONNX Runtime graphs); add --device cpu")
+        from .nn.int8 import require
+        from .restore import INT8
+        require()
+        return device, INT8
     if precision == "bf16" and device == "cpu":
         from .hardware import native_bf16_cpu
         if not native_bf16_cpu():
@@ -573,6 +588,7 @@ def restore_command(argv: list[str]) -> int:
     args, origin = _parse_restore_args(argv)  # first: --help, --version and usage errors need no torch
     _import_heavy()
     from .pipeline import run_file
+    from .restore import precision_name
 
     _check_stream_args(args, _OptionCheck(origin), _explicit_dests(argv) | set(origin))
     setup = prepare_restore(args, origin)
@@ -582,7 +598,7 @@ def restore_command(argv: list[str]) -> int:
     note = f"{model}/{detector.name} on {device}"
     if not args.quiet:
         print(f"frvideo: model {model}, detector {detector.name}, device {device} "
-              f"({str(dtype).replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
+              f"({precision_name(dtype)}, {threads} thread{'s' if threads > 1 else ''})", file=sys.stderr)
     live_stats = None
     if args.live:
         from .live import LiveOptions, run_live

@@ -40,6 +40,9 @@ class ModelConfig:
     weights: Optional[WeightSpec] = None
     defaults: dict[str, Any] = field(default_factory=dict)
     priority: int = 0  # for --model/--detector auto: higher is preferred
+    # int8 graphs of the shipped weights (--precision int8; frvideo.nn.int8): file paths relative
+    # to the repo root, their sha256, the sha256 of the checkpoint they were built from
+    int8: dict[str, Any] = field(default_factory=dict)
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config or model card is a few lines; anything huge is a mistake
@@ -99,6 +102,7 @@ def parse_model_config(data: dict, source: Path | str) -> ModelConfig:
             name=data["name"], backend=data.get("backend", data["name"]), kind=data.get("kind", "restorer"),
             description=data.get("description", ""), arch=dict(data.get("arch") or {}), weights=weights,
             defaults=dict(data.get("defaults") or {}), priority=int(data.get("priority", 0)),
+            int8=dict(data.get("int8") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: bad model card ({type(exc).__name__}: {exc})") from None

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, UsageError, WeightsError
 from .models import ModelConfig
 
 @dataclass
@@ -53,6 +53,23 @@ class Encoded:
 
     scores: torch.Tensor  # B x N_tokens x K, float
     state: dict[str, Any] = field(default_factory=dict)
+
+
+# --precision int8: not a dtype the torch network runs in but the marker that selects a backend's
+# int8 ONNX Runtime graphs (frvideo.nn.int8); backends with a card ``int8`` entry handle it in ``to``
+INT8 = torch.qint8
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """How --precision names ``dtype``: fp32, bf16, fp16, int8."""
+    return "int8" if dtype == INT8 else {torch.float32: "fp32", torch.bfloat16: "bf16",
+                                         torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def int8_hint() -> str:
+    from .models import all_model_configs
+    names = [c.name for c in all_model_configs("restorer") if c.int8]
+    return f"models with int8 graphs: {', '.join(names) or 'none'}; use --precision fp32 or bf16"
 
 
 class Restorer:
@@ -115,6 +132,8 @@ class Restorer:
         return p.dtype if p is not None else torch.float32
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Restorer":
+        if dtype == INT8:
+            raise UsageError(f"--precision int8 is not available for {self.name}: {int8_hint()}")
         self.net.to(device=device, dtype=dtype)
         return self
 

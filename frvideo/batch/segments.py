@@ -137,6 +137,7 @@ def run_segment(task: dict, loaded: dict) -> dict:
     the writer). ``loaded``: the caller's cache of detectors and restorers."""
     from ..cli import prepare_restore
     from ..pipeline import FrameSpan, run_file
+    from ..restore import precision_name
 
     start = time.perf_counter()
     args = settings_namespace(task["settings"], task["input"], task["target"])
@@ -150,7 +151,7 @@ def run_segment(task: dict, loaded: dict) -> dict:
             "tracks": len(faces.tracks), "largest": faces.largest, "references": list(stats.references),
             "fed_frames": len(span.fed_pts), "first_pts": faces.first_pts, "last_pts": faces.last_pts,
             "seconds": time.perf_counter() - start, "worker": f"{socket.gethostname()}:{os.getpid()}",
-            "device": setup.device, "precision": str(setup.dtype).replace("torch.", ""), "threads": setup.threads,
+            "device": setup.device, "precision": precision_name(setup.dtype), "threads": setup.threads,
             "model": setup.model, "detector": setup.detector.name}
 
 

@@ -8,10 +8,14 @@ codebook for the latent grid (B x N x K, N = (256 / compression)^2); decode
 looks the chosen tokens up and runs the decoder, fusing the encoder features in
 with the fidelity weight ``w`` (``ctx.fidelity``, else the card's
 ``defaults.fidelity``): 0 = the codebook prior alone, 1 = closest to the input.
+
+``--precision int8`` runs the shipped weights' int8 ONNX Runtime graphs instead (int8.py; the
+card's ``int8`` entry), split at the same token interface.
 """
 import torch
 
-from frvideo.restore import Encoded, RestoreContext, Restorer
+from frvideo.errors import UsageError
+from frvideo.restore import INT8, Encoded, RestoreContext, Restorer
 
 from .arch import LiteEncoding, LiteNet
 
@@ -27,18 +31,45 @@ class LiteRestorer(Restorer):
     def build_network(cls, arch: dict) -> torch.nn.Module:
         return LiteNet(**arch)
 
+    int8 = None  # the LiteInt8 graphs under --precision int8
+
     @classmethod
     def from_checkpoint(cls, config, weights):
         restorer = super().from_checkpoint(config, weights)
+        restorer.weights_path = weights
         k = restorer.net.codebook_size
         if k != cls.codebook_size:  # a custom card with another K: report the real one
             restorer.codebook_size = k
         return restorer
 
     def to(self, device, dtype: torch.dtype = torch.float32) -> "LiteRestorer":
+        if dtype == INT8:
+            self.int8 = self._load_int8()
+            dtype = torch.float32  # the float network stays loaded for the rest of the interface
         # NHWC: oneDNN runs these convs several times faster than NCHW on CPU
         self.net.to(device=device, dtype=dtype, memory_format=torch.channels_last)
         return self
+
+    def _load_int8(self):
+        from frvideo.weights import REPO_ROOT, sha256_file
+
+        from .int8 import LiteInt8
+
+        spec = self.config.int8
+        if not spec:
+            return super().to("cpu", INT8)  # raises the "not available" error
+        if sha256_file(self.weights_path) != spec["built_from"]:
+            raise UsageError(f"lite's int8 graphs are built from the shipped lite.pth, not {self.weights_path}; "
+                             "use --precision fp32, or build graphs for it (python -m plugins.lite.int8)")
+        paths = {}
+        for part in ("encoder", "decoder"):
+            path = REPO_ROOT / spec[part]
+            if not path.is_file() or sha256_file(path) != spec[f"{part}_sha256"]:
+                raise UsageError(f"lite's int8 graph {path} is missing or altered (sha256 differs from the card); "
+                                 "reinstall frvideo or use --precision fp32")
+            paths[part] = path
+        return LiteInt8(paths["encoder"], paths["decoder"], torch.get_num_threads(),
+                        float(spec.get("fidelity", 1.0)))
 
     def _fidelity(self, ctx: RestoreContext) -> float:
         if ctx is not None and ctx.fidelity is not None:
@@ -47,6 +78,9 @@ class LiteRestorer(Restorer):
 
     @torch.no_grad()
     def encode(self, faces: torch.Tensor, ctx: RestoreContext) -> Encoded:
+        if self.int8 is not None:
+            enc = self.int8.encode(faces)
+            return Encoded(scores=enc.logits, state={"lq_feat": enc.lq_feat, "skips": enc.skips, "image": enc.image})
         x = faces.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
         enc = self.net.encode(x)
         return Encoded(scores=enc.logits.float(),
@@ -56,5 +90,7 @@ class LiteRestorer(Restorer):
     def decode(self, encoded: Encoded, tokens: torch.Tensor, ctx: RestoreContext) -> torch.Tensor:
         state = encoded.state
         enc = LiteEncoding(encoded.scores, state["lq_feat"], state["skips"], state.get("image"))
+        if self.int8 is not None:
+            return self.int8.decode(tokens, enc, w=self._fidelity(ctx)).clamp(-1, 1).contiguous()
         out = self.net.decode(tokens.to(self.device), enc, w=self._fidelity(ctx))
         return out.clamp(-1, 1).contiguous()
