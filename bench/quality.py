@@ -192,7 +192,6 @@ def main() -> None:
         report(rows, args)
         return
 
-    import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     all_clips = sorted((SHARED / "media" / "videos" / "eval").glob("*.mp4"))
     clips = [c for c in all_clips if c.stem in args.clips] if args.clips else all_clips

@@ -15,6 +15,7 @@ codebook lookup stay float, so the error stays at the convolutions' rounding. Bu
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -70,10 +71,7 @@ def build_int8_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], i
 
     The batch dimension (0) of every input and output is left dynamic. ``keep_float``: name
     prefixes of ONNX nodes (torch module paths, e.g. ``/predictor``) to leave unquantized."""
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -82,19 +80,35 @@ def build_int8_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], i
         def get_next(self):
             return next(self.samples, None)
 
-    out_path = Path(out_path)
+    out_path = Path(out_path).resolve()
+    here = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        plain, prepared = Path(tmp) / "float.onnx", Path(tmp) / "prepared.onnx"
-        axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
-        torch.onnx.export(module.eval(), tuple(example), str(plain), opset_version=opset, dynamo=False,
-                          input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes)
-        # symbolic shape inference does not follow the dynamic batch through the codebook lookup's
-        # reshapes; ONNX's own inference is enough for quantization
-        quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
-        nodes = [n.name for n in onnx.load(str(prepared)).graph.node]
-        exclude = [n for n in nodes if any(n.startswith(p) for p in keep_float)]
-        quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
-                        nodes_to_exclude=exclude)
+        # ONNX Runtime's shape inference and calibration leave scratch files in the working folder
+        os.chdir(tmp)
+        try:
+            _export_and_quantize(module, example, input_names, output_names, Reader(), Path(tmp), out_path,
+                                 keep_float, opset)
+        finally:
+            os.chdir(here)
     return out_path
+
+
+def _export_and_quantize(module, example, input_names, output_names, reader, tmp: Path, out_path: Path,
+                         keep_float, opset) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    plain, prepared = tmp / "float.onnx", tmp / "prepared.onnx"
+    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    torch.onnx.export(module.eval(), tuple(example), str(plain), opset_version=opset, dynamo=False,
+                      input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes)
+    # symbolic shape inference does not follow the dynamic batch through the codebook lookup's
+    # reshapes; ONNX's own inference is enough for quantization
+    quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+    nodes = [n.name for n in onnx.load(str(prepared)).graph.node]
+    exclude = [n for n in nodes if any(n.startswith(p) for p in keep_float)]
+    quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
+                    nodes_to_exclude=exclude)
