@@ -12,7 +12,7 @@ the output rate is measured there, not taken from frvideo. Fresh/carried/passed-
 the added latency come from frvideo's summary line.
 
     FRVIDEO_HOME=<detector weights> OMP_NUM_THREADS=1 python bench/live.py [--heights 360 480 720]
-        [--seconds 10] [--max-latency 200] [--detector auto] [--clip PATH]
+        [--seconds 10] [--max-latency 200] [--detector auto] [--precision auto|int8] [--clip PATH]
 
 Needs the ffmpeg command (to make the clips) and ../shared/media.
 """
@@ -60,7 +60,7 @@ def receive(pipe, arrivals: list) -> None:
 def run(clip: Path, args) -> dict:
     cmd = [sys.executable, "-m", "frvideo", str(clip), "-", "--format", "nut", "--config", "live",
            "--model", args.model, "--detector", args.detector, "--max-latency", str(args.max_latency),
-           "--stats-interval", "0"]
+           "--stats-interval", "0", "--precision", args.precision]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     arrivals: list = []
     reader = threading.Thread(target=receive, args=(proc.stdout, arrivals), daemon=True)
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--max-latency", type=float, default=200.0)
     p.add_argument("--model", default="lite")
     p.add_argument("--detector", default="auto")
+    p.add_argument("--precision", default="auto", help="frvideo's --precision (int8: lite's int8 graphs)")
     p.add_argument("--clip", type=Path, default=CLIP)
     args = p.parse_args()
     if shutil.which("ffmpeg") is None:
@@ -103,7 +104,7 @@ def main() -> None:
             rows.append((h, r))
             print(f"{h}p: {r}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
-    print(f"\n{args.model} / {rows[0][1]['detector']}, --max-latency {args.max_latency:g} ms, "
+    print(f"\n{args.model} ({args.precision}) / {rows[0][1]['detector']}, --max-latency {args.max_latency:g} ms, "
           f"{args.seconds:g} s at 25 fps; load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
     print("| input | frames in / out | output rate | fresh | carried | passed through | added latency p50 | p95 |")
     print("|---|---|---|---|---|---|---|---|")

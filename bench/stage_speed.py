@@ -2,8 +2,10 @@
 (FaceBlend) and the temporal filter (FaceFilter) with their blurs and pyramids on OpenCV
 (frvideo/faces/crop_filters.py, what ships) against the same code on kornia's filters (what
 it ran on before), and the embedded detector with its BatchNorms folded into the convs
-(frvideo/nn/fuse.py, what ships) against the unfolded network. One thread, so the figures are
-per core; quote the ratios, the machine's speed drifts.
+(frvideo/nn/fuse.py, what ships) against the unfolded network, and ``lite`` itself (encode +
+decode of one 256² face and of a batch of 4) in fp32 against ``--precision int8`` (its ONNX Runtime
+int8 graphs; needs onnxruntime). One thread, so the figures are per core; quote the ratios, the
+machine's speed drifts.
 
     python bench/stage_speed.py [--sizes 256 512] [--repeats 20]
 """
@@ -99,14 +101,32 @@ def detector_rows(repeats: int) -> list[tuple[str, float, float]]:
         return [("embedded detector net, 640 x 384", ms(lambda: plain(x), repeats), ms(lambda: folded(x), repeats))]
 
 
+def lite_rows(repeats: int) -> list[tuple[str, float, float]]:
+    from frvideo.restore import INT8, RestoreContext, load_restorer
+    try:
+        int8 = load_restorer("lite", dtype=INT8)
+    except Exception as exc:  # onnxruntime not installed: say so, time the rest
+        print(f"(lite int8 not timed: {exc})", file=sys.stderr)
+        return []
+    fp32 = load_restorer("lite")
+    rows = []
+    for batch in (1, 4):
+        x = face_pair(256)[0].repeat(batch, 1, 1, 1)
+        ctx = RestoreContext.single(batch)
+        rows.append((f"lite encode + decode, {batch} x 256² (fp32 -> int8)",
+                     ms(lambda: fp32.restore(x, ctx), repeats) / batch, ms(lambda: int8.restore(x, ctx), repeats) / batch))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rows = [r for s in args.sizes for r in stage_rows(s, args.repeats)] + detector_rows(args.repeats)
-    print("| stage (one thread) | before (kornia / BatchNorm) | now (OpenCV / folded) | now / before |")
+    rows = [r for s in args.sizes for r in stage_rows(s, args.repeats)] + detector_rows(args.repeats) \
+        + lite_rows(args.repeats)
+    print("| stage (one thread, per face) | before (kornia / BatchNorm / fp32) | now (OpenCV / folded / int8) | now / before |")
     print("|---|---|---|---|")
     for name, before, ours in rows:
         print(f"| {name} | {before:.1f} ms | {ours:.1f} ms | {ours / before:.2f} |")

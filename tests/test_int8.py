@@ -17,7 +17,7 @@ from clips import make_clip, video_summary
 from test_cli import fails
 from test_lite import _real_face
 
-pytest.importorskip("onnxruntime", reason="--precision int8 needs onnxruntime (pip install 'frvideo[int8]')")
+pytest.importorskip("onnxruntime", reason="--precision int8 needs onnxruntime (a frvideo dependency)")
 
 
 def test_card_names_the_shipped_graphs_and_their_source():
@@ -98,3 +98,16 @@ def test_build_int8_graph_quantizes_convolutions(tmp_path, one_thread):
     assert y.shape == ref.shape
     err, spread = np.abs(y - ref).mean(), np.abs(ref - ref.mean()).mean()
     assert 0 < err < 0.2 * spread, (err, spread)  # rounded (so really int8), but close
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--live"], INT8),  # live values time: auto takes lite's int8 graphs on a CPU
+    ([], torch.float32),  # a file run keeps fp32 (on a CPU without bf16 units)
+    (["--live", "--fidelity", "0.5"], torch.float32),  # graphs built for fidelity 1 only
+    (["--live", "--precision", "fp32"], torch.float32),  # asked for by name
+])
+def test_live_auto_precision_takes_int8(monkeypatch, extra, expect):
+    from frvideo import cli, hardware
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: False)
+    args, origin = cli._parse_restore_args(["in.mp4", "out.mp4", "--model", "lite", "--device", "cpu", *extra])
+    assert cli.validate_model_args(args, cli._OptionCheck(origin))["dtype"] == expect

@@ -10,8 +10,8 @@ a file built once, with nothing to compile on the user's machine.
 What is quantized: convolutions only (per output channel weights, uint8 activations with
 min/max ranges from calibration faces); GroupNorm, the swish gates, the additions and the
 codebook lookup stay float, so the error stays at the convolutions' rounding. Building needs
-``onnx`` and torch's ONNX exporter; running needs only ``onnxruntime`` (``pip install
-'frvideo[int8]'``).
+``onnx`` and torch's ONNX exporter (``pip install 'frvideo[int8-build]'``); running needs
+only ``onnxruntime`` (a dependency of frvideo).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UsageError
 
-INSTALL_HINT = "pip install 'frvideo[int8]' (ONNX Runtime)"
+INSTALL_HINT = "pip install onnxruntime (a dependency of frvideo; its wheel is missing here)"
 
 
 def require():
