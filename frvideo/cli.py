@@ -470,7 +470,7 @@ def validate_model_args(args: argparse.Namespace, check: _OptionCheck) -> dict:
         check_weights_path(args.weights, "--weights")
     if args.precision == "auto" and getattr(args, "live", False) and _int8_fits(card, device, args):
         # live values time: a model with int8 graphs takes them when ONNX Runtime is installed
-        # (lite: 1.3-2.2x faster a face, face PSNR within 0.02 dB of fp32, plugins/lite/RECIPE.md)
+        # (lite: 1.8x faster a face, face PSNR within 0.03 dB of fp32; plugins/lite/RECIPE.md "int8")
         from .restore import INT8
         dtype = INT8
     if args.precision == "int8":

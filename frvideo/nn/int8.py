@@ -4,7 +4,7 @@ with ONNX Runtime, then run by ONNX Runtime.
 Why ONNX Runtime and not torch: torch's own int8 path for convolutions on CPU (PT2E with the
 x86 inductor quantizer) needs torch.compile and a C++ toolchain at run time, and its eager
 quantized convs are older than the oneDNN fp32 ones; ONNX Runtime's QDQ int8 convolutions run
-this project's ``lite`` 2.2x faster than torch fp32 on one AVX2 core (RECIPE.md of lite), from
+this project's ``lite`` 1.8x faster than torch fp32 on one AVX2 core (RECIPE.md of lite), from
 a file built once, with nothing to compile on the user's machine.
 
 What is quantized: convolutions only (per output channel weights, uint8 activations with
