@@ -786,6 +786,8 @@ def models_command(argv: list[str]) -> int:
             elif (path := find_local(c)) is not None:
                 shipped = c.weights.shipped and path == REPO_ROOT / c.weights.shipped
                 state = f"ready{' (shipped)' if shipped else ''}: {path}"
+                if c.int8:
+                    state += " (+ int8 graphs: --precision int8)"
             else:
                 state = f"missing {c.weights.file}: {c.weights.url or 'no public download'}"
             print(f"  {c.name:<22} {state}")

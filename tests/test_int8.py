@@ -111,3 +111,9 @@ def test_live_auto_precision_takes_int8(monkeypatch, extra, expect):
     monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: False)
     args, origin = cli._parse_restore_args(["in.mp4", "out.mp4", "--model", "lite", "--device", "cpu", *extra])
     assert cli.validate_model_args(args, cli._OptionCheck(origin))["dtype"] == expect
+
+
+def test_models_names_the_int8_graphs(capsys, frvideo_home):
+    assert main(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and line.split()}
+    assert "--precision int8" in lines["lite"] and "int8" not in lines["ented"]
