@@ -92,7 +92,8 @@ def add_restore_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
                    help="auto: bf16 (else fp16) on a GPU; on a CPU bf16 only where it has bf16 units "
-                        "(avx512_bf16/AMX, Arm bf16), else fp32")
+                        "(avx512_bf16/AMX, Arm bf16), else fp32, and with --live int8 for a model that has "
+                        "int8 graphs (lite); int8: those graphs, CPU only")
     g.add_argument("--threads", type=_threads, default=None, metavar="N",
                    help="compute threads for torch, OpenCV and each codec (default: the usable cores less one "
                         "for decode, detection and encoding, which run side by side; both on 2 cores; 1..8)")
@@ -477,10 +478,9 @@ def validate_model_args(args: argparse.Namespace, check: _OptionCheck) -> dict:
         from .restore import int8_hint
         if not card.int8:
             check.fail("precision", f"int8 is not available for {model!r} ({int8_hint()})")
-        built_for = float(card.int8.get("fidelity", 1.0))
-        if args.fidelity is not None and abs(args.fidelity - built_for) > 1e-6:
-            check.fail("fidelity", f"{model}'s int8 graphs are built for --fidelity {built_for:g}; "
-                                   f"use --precision fp32 for another fidelity")
+        if not _int8_fidelity_fits(card, args.fidelity):
+            check.fail("fidelity", f"{model}'s int8 graphs are built for --fidelity "
+                                   f"{_int8_fidelity(card):g}; use --precision fp32 for another fidelity")
     if args.detector != "auto":
         detector_card = _card_of_kind(check, "detector", args.detector, "detector")
         if args.detector_weights is not None and detector_card.weights is None:
@@ -515,11 +515,18 @@ def validate_model_args(args: argparse.Namespace, check: _OptionCheck) -> dict:
 def _int8_fits(card, device: str, args: argparse.Namespace) -> bool:
     """Could this run take the model's int8 graphs (--precision auto in live mode)?"""
     import importlib.util
-    if not card.int8 or device != "cpu" or args.weights is not None:
-        return False
-    if args.fidelity is not None and abs(args.fidelity - float(card.int8.get("fidelity", 1.0))) > 1e-6:
+    if not card.int8 or device != "cpu" or args.weights is not None or not _int8_fidelity_fits(card, args.fidelity):
         return False
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def _int8_fidelity(card) -> float:
+    """The fidelity a model's int8 decoder graph was built for (fixed in the graph)."""
+    return float(card.int8.get("fidelity", 1.0))
+
+
+def _int8_fidelity_fits(card, fidelity) -> bool:
+    return fidelity is None or abs(fidelity - _int8_fidelity(card)) <= 1e-6
 
 
 def _device_and_dtype(device: str, precision: str):

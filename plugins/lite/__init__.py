@@ -15,7 +15,7 @@ card's ``int8`` entry), split at the same token interface.
 import torch
 
 from frvideo.errors import UsageError
-from frvideo.restore import INT8, Encoded, RestoreContext, Restorer
+from frvideo.restore import INT8, Encoded, RestoreContext, Restorer, int8_hint
 
 from .arch import LiteEncoding, LiteNet
 
@@ -56,8 +56,8 @@ class LiteRestorer(Restorer):
         from .int8 import LiteInt8
 
         spec = self.config.int8
-        if not spec:
-            return super().to("cpu", INT8)  # raises the "not available" error
+        if not spec:  # a custom card without graphs
+            raise UsageError(f"--precision int8 is not available for this {self.name} card: {int8_hint()}")
         if sha256_file(self.weights_path) != spec["built_from"]:
             raise UsageError(f"lite's int8 graphs are built from the shipped lite.pth, not {self.weights_path}; "
                              "use --precision fp32, or build graphs for it (python -m plugins.lite.int8)")
