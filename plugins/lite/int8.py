@@ -36,6 +36,13 @@ def skip_names(net: LiteNet) -> list[str]:
     return [f"skip{i}" for i in range(len(net.decoder.level_channels))]
 
 
+def decoder_feeds(tokens: torch.Tensor, enc: LiteEncoding, skips: list[str]) -> dict:
+    """The decoder graph's inputs (numpy) for ``tokens`` and an encoding."""
+    feeds = {"tokens": tokens.to(torch.int64).numpy(), "lq": enc.lq_feat.numpy(), "x": enc.image.numpy()}
+    feeds.update({n: s.numpy() for n, s in zip(skips, enc.skips)})
+    return feeds
+
+
 class _Encoder(torch.nn.Module):
     def __init__(self, net: LiteNet):
         super().__init__()
@@ -77,9 +84,7 @@ class LiteInt8:
         if abs(float(w) - self.fidelity) > 1e-6:
             raise UsageError(f"lite's int8 graphs are built for --fidelity {self.fidelity:g}; "
                              f"use --precision fp32 for --fidelity {float(w):g}")
-        feeds = {"tokens": tokens.to(torch.int64).numpy(), "lq": enc.lq_feat.numpy(), "x": enc.image.numpy()}
-        feeds.update({n: s.numpy() for n, s in zip(self.skips, enc.skips)})
-        (out,) = self.decoder(**feeds)
+        (out,) = self.decoder(**decoder_feeds(tokens, enc, self.skips))
         return torch.from_numpy(out)
 
 
@@ -100,13 +105,10 @@ def calibration_faces(root: Path, size: int, seed: int = 0) -> list[torch.Tensor
 
 
 def build(weights: Path, calib: Path, out: Path, fidelity: float = 1.0) -> tuple[Path, Path]:
-    from frvideo.models import load_model_config
-    from frvideo.restore import read_checkpoint
+    from frvideo.restore import load_restorer
 
-    config = load_model_config("lite")
-    net = LiteNet(**config.arch)
-    net.load_state_dict(read_checkpoint(weights, config.weights.param_keys))
-    net.eval()
+    # float32, contiguous (NCHW) as the exporter wants it: not the restorer's channels_last copy
+    net = load_restorer("lite", weights=weights).net.to(memory_format=torch.contiguous_format)
     faces = calibration_faces(calib, net.img_size)
     if not faces:
         raise SystemExit(f"no crops in {calib}")
@@ -121,14 +123,9 @@ def build(weights: Path, calib: Path, out: Path, fidelity: float = 1.0) -> tuple
                                ({"x": x.numpy()} for x in faces), out / "lite_encoder_int8.onnx",
                                keep_float=["/net/predictor"])
 
-    def decoder_samples():
-        for x, e in zip(faces, encoded):
-            feeds = {"tokens": e.logits.argmax(-1).numpy(), "lq": e.lq_feat.numpy(), "x": x.numpy()}
-            feeds.update({n: s.numpy() for n, s in zip(names, e.skips)})
-            yield feeds
-
     decoder = build_int8_graph(_Decoder(net, fidelity), [tokens0, enc0.lq_feat, example, *enc0.skips],
-                               DECODER_FIXED_INPUTS + names, ["out"], decoder_samples(),
+                               DECODER_FIXED_INPUTS + names, ["out"],
+                               (decoder_feeds(e.logits.argmax(-1), e, names) for e in encoded),
                                out / "lite_decoder_int8.onnx")
     return encoder, decoder
 
