@@ -96,12 +96,20 @@ PRESETS: dict[str, Preset] = {
 # Milder than any paper's ranges: what a phone or webcam recording loses (frvideo's own, for
 # the mixtures below: a restorer must also help, and not harm, a lightly damaged face).
 PRESETS["light"] = Preset("light", (0.2, 3.0), (1.0, 4.0), (0.0, 8.0), (50, 95), "frvideo: milder than the papers")
+# Hard compression of a face that is otherwise only mildly soft (a web re-upload, a small
+# stream): the papers pair low JPEG quality only with their strongest blurs, so a network
+# trained on them learns to invent a new face wherever it sees blocking.
+PRESETS["heavy-jpeg"] = Preset("heavy-jpeg", (0.5, 4.0), (1.0, 6.0), (0.0, 5.0), (20, 50),
+                               "frvideo: strong compression, mild blur")
 ALIASES = {"ldbfr": "ld-bfr", "ld_bfr": "ld-bfr"}
 
 # Mixtures: each draw first picks a preset by weight, then its parameters.
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     # lite v2 and the retrained ENTED / LD-BFR: mild to severe
     "frvideo-mix": (("light", 0.4), ("vqfr", 0.35), ("codeformer", 0.25)),
+    # lite v3: fewer severe draws and hard compression on its own (a faithful restorer for the
+    # mild to moderate damage real footage has; the severe tail teaches the network to invent faces)
+    "frvideo-moderate-mix": (("light", 0.3), ("vqfr", 0.35), ("heavy-jpeg", 0.2), ("codeformer", 0.15)),
 }
 
 
