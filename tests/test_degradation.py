@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from frvideo.metrics import psnr
-from frvideo.train.degradation import (PRESETS, Degradation, DegradationParams, codec_degrade, degrade,
-                                       get_preset)
+from frvideo.train.degradation import (PRESETS, Degradation, DegradationParams, at_frame_scale, codec_degrade,
+                                       degrade, get_preset)
 
 
 def face_like(h=64, w=64, seed=0):
@@ -115,3 +115,31 @@ def test_degrade_clip_with_codec():
     out = Degradation("codeformer", seed=5, codec="libx264", bitrate=(20_000, 60_000)).degrade_clip(frames)
     assert len(out) == 4 and out[0].shape == frames[0].shape
     assert not math.isnan(psnr(frames[0], out[0]))
+
+
+def block_profile(img: np.ndarray) -> np.ndarray:
+    """Mean horizontal step between columns c and c+1, folded modulo 8 and over the median."""
+    d = np.abs(np.diff(img.astype(np.float64), axis=1)).mean((0, 2))
+    fold = np.array([d[k::8].mean() for k in range(8)])
+    return fold / np.median(fold)
+
+
+def test_at_frame_scale_blocks_at_the_frame_scale():
+    """JPEG in a frame where the face is 2x the crop: 4-pixel blocks in the crop, not 8."""
+    rng = np.random.default_rng(0)
+    t = cv2.GaussianBlur(rng.random((256, 256, 3)).astype(np.float32), (0, 0), 6.0)
+    img = ((t - t.min()) / (t.max() - t.min()) * 200 + 20).astype(np.uint8)
+    p = DegradationParams(sigma=0.0, scale=1.0, noise=0.0, jpeg=5)
+
+    def jpeg(x):
+        return degrade(x, p, np.random.default_rng(0))
+
+    on_crop = at_frame_scale(img, 1.0, jpeg)
+    assert np.array_equal(on_crop, jpeg(img))  # scale 1: the damage itself
+    at_2 = at_frame_scale(img, 2.0, jpeg)
+    assert at_2.shape == img.shape and at_2.dtype == np.uint8
+    crop_profile, frame_profile = block_profile(on_crop), block_profile(at_2)
+    assert crop_profile[7] > 5 and crop_profile[3] < 2  # block edges every 8 crop pixels
+    assert frame_profile[7] > 5 and frame_profile[3] > 4  # ... every 4
+    small = at_frame_scale(img, 0.5, jpeg)  # a face smaller than the crop: 16-pixel blocks, upsampled
+    assert small.shape == img.shape and psnr(img, small) < psnr(img, on_crop)

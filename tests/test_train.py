@@ -10,7 +10,8 @@ import yaml
 from frvideo.errors import ConfigError, InputError
 from frvideo.nn.quantizer import VectorQuantizer
 from frvideo.train import losses as L
-from frvideo.train.trainer import Trainer, export_weights, load_config, reinit_dead_codes, train_main
+from frvideo.train.trainer import (Trainer, degrade_eval, degrade_sample, export_weights, load_config, reinit_dead_codes,
+                                   train_main)
 
 TINY_ARCH = {"img_size": 32, "nf": 32, "ch_mult": [1, 1], "emb_dim": 16, "codebook_size": 32,
              "predictor_channels": 32, "predictor_blocks": 1, "shuffle": 2}
@@ -163,6 +164,22 @@ def test_export(codebook_run, tmp_path):
     assert len(digest) == 64 and all(v.dtype != torch.float32 for v in ck["params_ema"].values())
 
 
+def test_frame_scale_degradation(tmp_path):
+    """degradation.frame_scale: the same damage done at a drawn frame scale, reproducibly."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    on_crop = {"preset": "vqfr", "codec_prob": 1.0, "codec_bpp": [0.5, 0.5], "frame_scale": None}
+    scaled = {**on_crop, "frame_scale": [1.5, 3.0]}
+    a = degrade_sample(scaled, img, np.random.default_rng(1))
+    assert a.shape == img.shape and a.dtype == np.uint8
+    assert np.array_equal(a, degrade_sample(scaled, img, np.random.default_rng(1)))
+    assert not np.array_equal(a, degrade_sample(on_crop, img, np.random.default_rng(1)))
+    cfg = load_config({**tiny_config(tmp_path / "e"), "degradation": {"frame_scale": [1.5, 3.0], "eval_seed": 7}})
+    first, again = degrade_eval(cfg, [img, img]), degrade_eval(cfg, [img, img])
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not np.array_equal(first[0], first[1])  # image j: its own draw
+
+
 def test_config_errors(tmp_path):
     bad = tiny_config(tmp_path / "x")
     bad["train"]["learning_rate"] = 1
@@ -175,6 +192,10 @@ def test_config_errors(tmp_path):
         train_main([str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError, match="init_from"):
         load_config({**tiny_config(tmp_path / "y"), "stage": "restoration"})
+    scaled = tiny_config(tmp_path / "w")
+    scaled["degradation"] = {"frame_scale": [2.0, 1.0]}
+    with pytest.raises(ConfigError, match="degradation.frame_scale"):
+        load_config(scaled)
     nodata = tiny_config(tmp_path / "z")
     nodata["data"] = {"root": str(tmp_path / "nowhere"), "size": 32, "crop": 32}
     with pytest.raises(InputError, match="nowhere"):

@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 
 __all__ = ["Preset", "DegradationParams", "PRESETS", "get_preset", "Degradation", "degrade",
-           "codec_degrade"]
+           "codec_degrade", "at_frame_scale"]
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,25 @@ class Degradation:
                                 seed=int(self.rng.integers(2 ** 63)), fps=fps)
         self.last_params = params
         return out
+
+
+def at_frame_scale(img: np.ndarray, scale: float, damage) -> np.ndarray:
+    """``damage`` applied to ``img`` (an aligned crop) as if it happened in a frame where the face
+    has ``scale`` frame pixels per crop pixel, then the crop taken back out as the pipeline takes it.
+
+    In a video the camera, the encoder and the bench's degradations damage the *frame*; the
+    pipeline then warps the face to the model's input size with a bilinear ``warpAffine``
+    (``faces/align.py``), which for a face larger than the crop decimates without low-pass. So a
+    blur of sigma frame pixels is sigma / scale crop pixels, JPEG and codec blocks are 8 / scale
+    crop pixels, and the noise is resampled. Damage applied to the crop itself (scale 1) only
+    ever shows the model 8-pixel blocks. The crop is resized to the frame scale (area when
+    smaller, cubic when larger), ``damage``d there, and brought back with bilinear interpolation."""
+    h, w = img.shape[:2]
+    size = (max(8, int(round(w * scale))), max(8, int(round(h * scale))))
+    if size == (w, h):
+        return damage(img)
+    frame = cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    return cv2.resize(damage(frame), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 # Default codec bitrate, in bits per pixel per frame: visible blocking on faces at x264.

@@ -76,8 +76,11 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_eval": 0,
     },
     # codec_prob: share of training samples that also go through a real x264 intra pass at
-    # codec_bpp bits per pixel (a range, drawn log-uniformly), after the preset's damage
-    "degradation": {"preset": "vqfr", "eval_seed": 1234, "codec_prob": 0.0, "codec_bpp": [0.3, 2.0]},
+    # codec_bpp bits per pixel (a range, drawn log-uniformly), after the preset's damage;
+    # frame_scale [lo, hi]: all of it done at a frame scale drawn log-uniformly (frame pixels per
+    # crop pixel; degradation.at_frame_scale), null = on the crop itself
+    "degradation": {"preset": "vqfr", "eval_seed": 1234, "codec_prob": 0.0, "codec_bpp": [0.3, 2.0],
+                    "frame_scale": None},
     "train": {
         "batch": 8, "steps": 1000, "lr": 2e-4, "lr_schedule": "cosine", "lr_min_ratio": 0.1,
         "warmup_steps": 0, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip": None,
@@ -197,6 +200,11 @@ def _validate(cfg: dict, source: str) -> None:
         bad(f"train.fidelity_range must be within [0, 1], not {t['fidelity_range']!r}")
     if cfg["loss"]["perceptual"] and not cfg["vgg_weights"]:
         bad("loss.perceptual > 0 needs vgg_weights (a VGG state dict file)")
+    fs = cfg["degradation"].get("frame_scale")
+    if fs is not None and not (isinstance(fs, (list, tuple)) and len(fs) == 2
+                               and all(isinstance(v, (int, float)) for v in fs) and 0 < fs[0] <= fs[1] <= 16):
+        bad(f"degradation.frame_scale must be [lo, hi] with 0 < lo <= hi <= 16 (frame pixels per crop pixel) "
+            f"or null, not {fs!r}")
     if cfg["stage"] not in ("codebook", "restoration"):
         return  # a backend's own stage: its trainer checks the rest
     if cfg["stage"] == "restoration" and not cfg["init_from"]:
@@ -611,22 +619,42 @@ def patch_origin(valid, size: int, crop: int, rng: np.random.Generator) -> tuple
 
 def degrade_sample(dcfg: dict, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One training input: the preset's (or mixture's) damage, then with ``codec_prob`` a real
-    x264 pass of the image as a one-frame video."""
-    from .degradation import Degradation, codec_degrade
-    low = Degradation(dcfg["preset"], seed=int(rng.integers(2**63))).apply(img)
-    if dcfg.get("codec_prob") and rng.random() < dcfg["codec_prob"]:
-        lo, hi = dcfg["codec_bpp"]
-        bpp = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        h, w = low.shape[:2]
-        low = codec_degrade([low], codec="libx264", bitrate=bpp * w * h * 25, seed=int(rng.integers(2**63)))[0]
-    return low
+    x264 pass of the image as a one-frame video; with ``frame_scale`` both at a drawn frame scale."""
+    from .degradation import Degradation, at_frame_scale, codec_degrade
+
+    def damage(x: np.ndarray) -> np.ndarray:
+        low = Degradation(dcfg["preset"], seed=int(rng.integers(2**63))).apply(x)
+        if dcfg.get("codec_prob") and rng.random() < dcfg["codec_prob"]:
+            lo, hi = dcfg["codec_bpp"]
+            bpp = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            h, w = low.shape[:2]
+            low = codec_degrade([low], codec="libx264", bitrate=bpp * w * h * 25, seed=int(rng.integers(2**63)))[0]
+        return low
+
+    if not dcfg.get("frame_scale"):
+        return damage(img)
+    return at_frame_scale(img, frame_scale(dcfg["frame_scale"], rng), damage)
+
+
+def frame_scale(bounds, rng: np.random.Generator) -> float:
+    lo, hi = bounds
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
 def degrade_eval(cfg: dict, images: list[np.ndarray]) -> list[np.ndarray]:
-    """The eval inputs: ``images`` degraded with ``degradation.eval_seed`` (image j: seed (eval_seed, j))."""
-    from .degradation import Degradation
-    preset, eseed = cfg["degradation"]["preset"], int(cfg["degradation"]["eval_seed"])
-    return [Degradation(preset, seed=[eseed, j]).apply(img) for j, img in enumerate(images)]
+    """The eval inputs: ``images`` degraded with ``degradation.eval_seed`` (image j: seed (eval_seed, j)),
+    at frame scales drawn from (eval_seed, j) too when ``frame_scale`` is set."""
+    from .degradation import Degradation, at_frame_scale
+    dcfg = cfg["degradation"]
+    preset, eseed = dcfg["preset"], int(dcfg["eval_seed"])
+    out = []
+    for j, img in enumerate(images):
+        deg = Degradation(preset, seed=[eseed, j])
+        if dcfg.get("frame_scale"):
+            out.append(at_frame_scale(img, frame_scale(dcfg["frame_scale"], np.random.default_rng([eseed, j])), deg.apply))
+        else:
+            out.append(deg.apply(img))
+    return out
 
 
 def rng_state() -> dict:
@@ -903,7 +931,6 @@ class Trainer:
         return lr_at(self.cfg["train"], step)
 
     def _batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        from .degradation import Degradation
         d = self.cfg["data"]
         b = self.cfg["train"]["batch"]
         idx = rng.integers(0, len(self.train_images), b)
