@@ -164,6 +164,33 @@ def test_export(codebook_run, tmp_path):
     assert len(digest) == 64 and all(v.dtype != torch.float32 for v in ck["params_ema"].values())
 
 
+def test_face_feature_loss(shared_weights, codebook_run, tmp_path):
+    """RetinaFace's backbone as a loss: zero for the same face, larger for a worse copy and for
+    another face, gradients to the restoration only; and a restoration run that logs it."""
+    retinaface = shared_weights / "detection_mobilenet0.25_Final.pth"
+    loss = L.FaceFeatureLoss(retinaface)
+    g = torch.Generator().manual_seed(0)
+    face = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, 3, 1, 1)
+    light = face + 0.05 * torch.randn(face.shape, generator=g)
+    heavy = face + 0.3 * torch.randn(face.shape, generator=g)
+    assert float(loss(face, face)) == 0.0
+    assert 0 < float(loss(light, face)) < float(loss(heavy, face))
+    assert float(loss(face.flip(0), face)) > float(loss(light, face))  # the other image of the batch
+    out = light.clone().requires_grad_(True)
+    loss(out, face).backward()
+    assert out.grad.abs().sum() > 0 and not any(p.requires_grad for p in loss.parameters())
+    loss.train()
+    assert not loss.body.training  # BatchNorm statistics never move
+
+    cfg = tiny_config(tmp_path / "ff", stage="restoration", steps=3)
+    cfg["init_from"] = str(codebook_run.out / "last.pth")
+    cfg["loss"] = {"face_feature": 0.2}
+    cfg["face_feature_weights"] = str(retinaface)
+    tr = Trainer(load_config(cfg), quiet=True)
+    tr.run()
+    assert all(h["face_feature"] > 0 for h in tr.history)
+
+
 def test_frame_scale_degradation(tmp_path):
     """degradation.frame_scale: the same damage done at a drawn frame scale, reproducibly."""
     rng = np.random.default_rng(0)
@@ -192,6 +219,10 @@ def test_config_errors(tmp_path):
         train_main([str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError, match="init_from"):
         load_config({**tiny_config(tmp_path / "y"), "stage": "restoration"})
+    no_weights = tiny_config(tmp_path / "v")
+    no_weights["loss"] = {"face_feature": 0.1}
+    with pytest.raises(ConfigError, match="face_feature_weights"):
+        load_config(no_weights)
     scaled = tiny_config(tmp_path / "w")
     scaled["degradation"] = {"frame_scale": [2.0, 1.0]}
     with pytest.raises(ConfigError, match="degradation.frame_scale"):

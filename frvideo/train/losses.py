@@ -224,6 +224,35 @@ class VGGPerceptualLoss(nn.Module):
         return sum(w * l1_loss(fa[k], fb[k]) for k, w in self.layer_weights.items())
 
 
+class FaceFeatureLoss(nn.Module):
+    """L1 between the backbone features of a pretrained *face* network: RetinaFace
+    MobileNet-0.25's three stages (strides 8, 16, 32), each divided by the mean magnitude of the
+    target's feature so the stages weigh alike. The one face network whose weights this project
+    has offline (../shared/weights); trained to find faces, its features respond to eyes, brows,
+    mouth and face outline, which is where a restoration loses its person. Frozen, eval mode."""
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        from ..faces.retinaface import RetinaFace, load_retinaface_weights
+        net = RetinaFace("mobilenet0.25")
+        load_retinaface_weights(net, Path(weights_path))
+        self.body = net.body.requires_grad_(False).eval()
+        # RetinaFace's input: BGR on 0-255 minus its per-channel means
+        self.register_buffer("mean", torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):  # the face network stays in eval mode (BatchNorm)
+        super().train(mode)
+        self.body.eval()
+        return self
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(((x + 1) * 127.5).flip(1) - self.mean)  # RGB [-1, 1] -> BGR 0-255 - mean
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa, fb = self._features(a), self._features(b.detach())
+        return sum(l1_loss(x, y) / y.abs().mean().clamp_min(1e-6) for x, y in zip(fa, fb)) / len(fa)
+
+
 # --------------------------------------------------------------------------- adversarial
 
 class PatchDiscriminator(nn.Module):

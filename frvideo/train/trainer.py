@@ -96,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "loss": {
         "l1": 1.0, "ms_ssim": 0.5, "lap_l1": 0.5, "perceptual": 0.0, "vgg_arch": "vgg19",
+        "face_feature": 0.0,  # L1 of RetinaFace backbone features (losses.FaceFeatureLoss); needs face_feature_weights
         "codebook": 1.0, "commitment": 0.25,
         "adversarial": 0.0, "adv_start": 0, "gan_type": "hinge", "disc_ndf": 32, "disc_layers": 3,
         "token_ce": 0.5, "feat_mse": 1.0,
@@ -104,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
     "init_from": None,  # restoration: a codebook run's last.pth (its EMA weights are loaded)
     "teacher_from": None,  # restoration: checkpoint whose encoder gives the target tokens (default: init_from)
     "vgg_weights": None,  # a torchvision/BasicSR VGG state dict; enables loss.perceptual
+    "face_feature_weights": None,  # RetinaFace MobileNet-0.25 (../shared/weights/detection_mobilenet0.25_Final.pth)
     "plugin": {},  # settings of a backend's own stages (``train_stages``), checked by that trainer
 }
 _FREE_KEYS = {("model", "arch"), ("plugin",)}  # dicts whose keys are not checked
@@ -200,6 +202,8 @@ def _validate(cfg: dict, source: str) -> None:
         bad(f"train.fidelity_range must be within [0, 1], not {t['fidelity_range']!r}")
     if cfg["loss"]["perceptual"] and not cfg["vgg_weights"]:
         bad("loss.perceptual > 0 needs vgg_weights (a VGG state dict file)")
+    if cfg["loss"]["face_feature"] and not cfg["face_feature_weights"]:
+        bad("loss.face_feature > 0 needs face_feature_weights (RetinaFace MobileNet-0.25's weight file)")
     fs = cfg["degradation"].get("frame_scale")
     if fs is not None and not (isinstance(fs, (list, tuple)) and len(fs) == 2
                                and all(isinstance(v, (int, float)) for v in fs) and 0 < fs[0] <= fs[1] <= 16):
@@ -860,6 +864,9 @@ class Trainer:
         self.vgg = None
         if lc["perceptual"]:
             self.vgg = L.VGGPerceptualLoss(cfg["vgg_weights"], lc["vgg_arch"]).to(self.device)
+        self.face_features = None
+        if lc["face_feature"]:
+            self.face_features = L.FaceFeatureLoss(cfg["face_feature_weights"]).to(self.device)
         self.disc = self.opt_d = None
         if lc["adversarial"]:
             self.disc = L.PatchDiscriminator(3, lc["disc_ndf"], lc["disc_layers"]).to(
@@ -964,6 +971,9 @@ class Trainer:
         if self.vgg is not None:
             logs["perceptual"] = lc["perceptual"] * self.vgg(out.float(), hq.float())
             total = total + logs["perceptual"]
+        if self.face_features is not None:
+            logs["face_feature"] = lc["face_feature"] * self.face_features(out.float(), hq.float())
+            total = total + logs["face_feature"]
         if self.disc is not None and self.step >= lc["adv_start"]:
             self.disc.requires_grad_(False)
             logs["g_adv"] = lc["adversarial"] * L.g_loss(self.disc(out), lc["gan_type"])
