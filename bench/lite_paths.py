@@ -37,14 +37,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lite_quality import face_region  # noqa: E402
-from quality import SHARED, face_scale, read_clip, simple_degrade  # noqa: E402
+from quality import SHARED, degrade_family, face_scale, read_clip  # noqa: E402
 
 from frvideo.faces.align import similarity_transforms, warp_faces  # noqa: E402
 from frvideo.faces.detect import load_detector  # noqa: E402
 from frvideo.identity import IdentityModel  # noqa: E402
 from frvideo.metrics import psnr  # noqa: E402
+from frvideo.pipeline import crops_to_tensor  # noqa: E402
 from frvideo.restore import load_restorer  # noqa: E402
-from frvideo.train.degradation import Degradation  # noqa: E402
 
 FRAMES = (0, 8, 16)
 SIZE = 256
@@ -52,7 +52,7 @@ ID_BOX = (28, 28, 228, 240)  # the face in a 256 aligned crop, for dlib's landma
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return crops_to_tensor(img[None], "cpu", torch.float32)
 
 
 def to_image(y: torch.Tensor) -> np.ndarray:
@@ -81,10 +81,8 @@ def paths(net):
             "w=0": lambda x, c: own(x, c, 0.0), "w=1, flip ensemble": flip_ensemble}
 
 
-def degraded_families(clean: list[np.ndarray], fps: float, number: int, scale: float) -> dict:
-    return {"mild": Degradation("ld-bfr-mild", seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps),
-            "vqfr": Degradation("vqfr", seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps),
-            "simple": simple_degrade(clean, scale)}
+def largest(detections):
+    return detections.landmarks[int(np.argmax(detections.boxes[:, 2] - detections.boxes[:, 0]))]
 
 
 @torch.no_grad()
@@ -102,12 +100,10 @@ def main(argv=None) -> int:
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for number, clip in enumerate(sorted((SHARED / "media/videos/eval").glob("*.mp4"))):
         clean, fps = read_clip(clip, max(FRAMES) + 1)
-        first = detector.detect(clean[0])
-        scale = face_scale(first.landmarks[int(np.argmax(first.boxes[:, 2] - first.boxes[:, 0]))])
-        families = degraded_families(clean, fps, number, scale)
+        scale = face_scale(largest(detector.detect(clean[0])))
+        families = {f: degrade_family(f, clean, fps, number, scale) for f in ("mild", "vqfr", "simple")}
         for t in FRAMES:
-            d = detector.detect(clean[t])
-            A = similarity_transforms(d.landmarks[int(np.argmax(d.boxes[:, 2] - d.boxes[:, 0]))][None], SIZE)
+            A = similarity_transforms(largest(detector.detect(clean[t]))[None], SIZE)
             ref = warp_faces(clean[t], A, SIZE)[0]
             ref_id = identity.descriptor(ref, ID_BOX)
             for family, frames in families.items():

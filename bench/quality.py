@@ -80,6 +80,17 @@ def simple_degrade(frames: list[np.ndarray], scale: float) -> list[np.ndarray]:
     return out
 
 
+def degrade_family(family: str, clean: list[np.ndarray], fps: float, number: int, scale: float) -> list[np.ndarray]:
+    """The clip of one family: ``number`` (the clip's place among the eval clips) seeds the draw,
+    ``scale`` (face_scale) sizes the ``simple`` blur."""
+    if family == "clean":
+        return clean
+    if family == "simple":
+        return simple_degrade(clean, scale)
+    preset = "ld-bfr-mild" if family == "mild" else "vqfr"
+    return Degradation(preset, seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps)
+
+
 def classical(frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
     """Non-local-means denoise of each face box (with a margin), then unsharp mask 0.5, sigma 1."""
     out = []
@@ -230,13 +241,7 @@ def main() -> None:
         scorer = Scorer(clean, boxes, identity, args.identity_every)
         number = all_clips.index(clip)
         for family in args.families:
-            if family == "clean":
-                degraded = clean
-            elif family == "simple":
-                degraded = simple_degrade(clean, scale)
-            else:
-                preset = "ld-bfr-mild" if family == "mild" else "vqfr"
-                degraded = Degradation(preset, seed=[0, number]).degrade_clip(clean, codec="libx264", fps=fps)
+            degraded = degrade_family(family, clean, fps, number, scale)
             baseline = classical(degraded, boxes)
             results = {"input": scorer(degraded), "classical": scorer(baseline)}
             runs = [(name, r, opts) for name, r in restorers.items()]

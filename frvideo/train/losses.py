@@ -233,12 +233,12 @@ class FaceFeatureLoss(nn.Module):
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
-        from ..faces.retinaface import RetinaFace, load_retinaface_weights
+        from ..faces.retinaface import BGR_MEAN, RetinaFace, load_retinaface_weights
         net = RetinaFace("mobilenet0.25")
         load_retinaface_weights(net, Path(weights_path))
         self.body = net.body.requires_grad_(False).eval()
         # RetinaFace's input: BGR on 0-255 minus its per-channel means
-        self.register_buffer("mean", torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(BGR_MEAN).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):  # the face network stays in eval mode (BatchNorm)
         super().train(mode)
