@@ -261,10 +261,13 @@ def codec_degrade(frames: Sequence[np.ndarray], codec: str = "libx264", bitrate=
     for f in frames:
         if f.shape != (h, w, 3) or f.dtype != np.uint8:
             raise ValueError(f"codec_degrade wants H x W x 3 uint8 frames of one size; got {f.dtype} {f.shape}")
-    ph, pw = h + h % 2, w + w % 2
+    # Even height for 4:2:0; width edge-padded to a multiple of 128 so that every plane's row fills
+    # its stride: x264 otherwise reads the stride padding PyAV leaves uninitialised, and the same
+    # seed gave different frames from call to call (seen with PyAV 18.1 on 720-wide frames).
+    ph, pw = h + h % 2, -(-w // 128) * 128
     rng = np.random.default_rng(seed)
     if bitrate is None:
-        bitrate = DEFAULT_BPP * pw * ph * fps
+        bitrate = DEFAULT_BPP * w * h * fps  # of the picture, not its padding
     elif isinstance(bitrate, (tuple, list)):
         lo, hi = bitrate
         bitrate = math.exp(rng.uniform(math.log(lo), math.log(hi)))
