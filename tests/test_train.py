@@ -110,6 +110,47 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(straight.last_used, resumed.last_used)
 
 
+def test_a_stop_signal_saves_the_run(tmp_path):
+    """Under the frvideo command every stop signal arrives as interrupt.Interrupted (not
+    KeyboardInterrupt): the run is saved where it stopped and the next run resumes there."""
+    from frvideo.interrupt import Interrupted
+    cfg = load_config(tiny_config(tmp_path / "sig", steps=6, save_every=100, eval_every=100, log_every=1))
+    tr = Trainer(cfg, quiet=True)
+    step = tr.train_step
+
+    def stopped_at_4():
+        if tr.step == 4:
+            raise Interrupted(15)
+        return step()
+    tr.train_step = stopped_at_4
+    with pytest.raises(Interrupted):
+        tr.run()
+    again = Trainer(cfg, quiet=True)
+    assert again.step == 4 and len(again.history) == 4
+
+
+def test_batch_workers_give_the_same_run(codebook_run, tmp_path):
+    """train.workers moves the batches (degradations, x264 passes) to forked processes: the run is
+    the same to the bit as with none, interrupted and resumed too."""
+    def cfg_for(name, workers):
+        c = tiny_config(tmp_path / name, stage="restoration", steps=5, workers=workers, save_every=100,
+                        eval_every=100, log_every=1)
+        c["init_from"] = str(codebook_run.out / "last.pth")
+        c["degradation"] = {"preset": "vqfr", "codec_prob": 0.5}
+        return load_config(c)
+
+    inline = Trainer(cfg_for("w0", 0), quiet=True)
+    inline.run()
+    forked = Trainer(cfg_for("w2", 2), quiet=True)
+    forked.run(until=2)
+    assert forked.batch_workers is None  # the pool is closed when a run returns
+    resumed = Trainer(cfg_for("w2", 2), quiet=True)
+    resumed.run()
+    sa, sb = inline.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [h["loss"] for h in inline.history] == [h["loss"] for h in resumed.history]
+
+
 def test_dead_codes_reseeded_only():
     torch.manual_seed(0)
     q = VectorQuantizer(8, 4)
@@ -227,6 +268,8 @@ def test_config_errors(tmp_path):
     scaled["degradation"] = {"frame_scale": [2.0, 1.0]}
     with pytest.raises(ConfigError, match="degradation.frame_scale"):
         load_config(scaled)
+    with pytest.raises(ConfigError, match="train.workers"):
+        load_config(tiny_config(tmp_path / "u", workers=-1))
     nodata = tiny_config(tmp_path / "z")
     nodata["data"] = {"root": str(tmp_path / "nowhere"), "size": 32, "crop": 32}
     with pytest.raises(InputError, match="nowhere"):

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ import torch
 import yaml
 
 from ..errors import ConfigError, FrvideoError, InputError, UsageError
+from ..interrupt import Interrupted
 from . import losses as L
 
 __all__ = ["DEFAULTS", "load_config", "Trainer", "kmeans", "reinit_dead_codes", "export_weights", "train_main",
@@ -85,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
         "batch": 8, "steps": 1000, "lr": 2e-4, "lr_schedule": "cosine", "lr_min_ratio": 0.1,
         "warmup_steps": 0, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip": None,
         "ema_decay": 0.999, "seed": 0, "device": "auto", "amp": True, "threads": None,
+        "workers": 0,  # > 0: that many forked processes make the batches ahead (same batches as 0)
         "log_every": 10, "eval_every": 250, "save_every": 100,
         "vq_warmup": 0, "dead_code_window": 200, "dead_code_every": 100, "code_buffer": 8192,
         "freeze": None,  # module names; default: none (codebook stage), [quantize, decoder] (restoration)
@@ -197,6 +200,10 @@ def _validate(cfg: dict, source: str) -> None:
         bad(f"train.lr_schedule must be cosine or constant, not {t['lr_schedule']!r}")
     if t["device"] not in ("auto", "cpu", "cuda") and not str(t["device"]).startswith("cuda:"):
         bad(f"train.device must be auto, cpu or cuda[:N], not {t['device']!r}")
+    if not isinstance(t["workers"], int) or t["workers"] < 0:
+        bad(f"train.workers must be an integer >= 0, not {t['workers']!r}")
+    if t["workers"] and cfg["stage"] not in ("codebook", "restoration"):
+        bad(f"train.workers applies to the codebook and restoration stages, not {cfg['stage']!r}")
     lo, hi = t["fidelity_range"]
     if not 0 <= lo <= hi <= 1:
         bad(f"train.fidelity_range must be within [0, 1], not {t['fidelity_range']!r}")
@@ -806,7 +813,7 @@ def run_loop(trainer, until: Optional[int] = None) -> dict:
                                                  for k, v in ev.items()))
             if trainer.step % t["save_every"] == 0 or trainer.step == stop:
                 trainer.save()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C, or any stop signal under the frvideo command
         bar.close()
         trainer.save()
         print(f"interrupted at step {trainer.step}; saved {trainer.out / 'last.pth'} (run again to resume)",
@@ -814,6 +821,90 @@ def run_loop(trainer, until: Optional[int] = None) -> dict:
         raise
     bar.close()
     return trainer.evals[-1] if trainer.evals else {}
+
+
+_WORKER_TRAINER = None  # the Trainer a forked batch worker draws from (inherited, never pickled)
+
+
+def _worker_loop(tasks, results) -> None:
+    """A batch worker: step numbers in, (step, clean, degraded, generator state) out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it saves and stops us
+    seed = _WORKER_TRAINER.seed
+    while True:
+        step = tasks.get()
+        try:
+            rng = np.random.default_rng([seed, step])
+            hq, lq = _WORKER_TRAINER._batch_arrays(rng)
+            results.put((step, (np.stack(hq), np.stack(lq), rng.bit_generator.state)))
+        except Exception as exc:  # the main process raises it: a worker's traceback would be lost
+            results.put((step, f"{type(exc).__name__}: {exc}"))
+
+
+class BatchWorkers:
+    """Forked processes that make the batches of the coming steps (the degradations, x264 passes
+    included, are CPU work that would leave an accelerator waiting). Each batch is drawn from the
+    generator of ``(seed, step)``, as in the main process, so a run gives the same batches with any
+    number of workers and resumes exactly; at most ``ahead`` batches are asked for ahead, so memory
+    stays bounded. Plain processes and two queues rather than multiprocessing.Pool or torch's
+    DataLoader: the batch needs the step number and hands back its generator's state, and stopping
+    must be immediate (Pool.terminate hung here with a worker blocked on its task queue's lock)."""
+
+    def __init__(self, trainer, workers: int, ahead: Optional[int] = None):
+        import multiprocessing as mp
+        global _WORKER_TRAINER
+        _WORKER_TRAINER = trainer
+        ctx = mp.get_context("fork")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.ahead = ahead or 2 * workers
+        self.asked: set[int] = set()
+        self.ready: dict[int, Any] = {}
+        self.next_step = 0
+        self.procs = [ctx.Process(target=_worker_loop, args=(self.tasks, self.results), daemon=True)
+                      for _ in range(workers)]
+        # OpenCV's thread pool does not survive a fork (a forked child waits on threads it does not
+        # have: cv2.setNumThreads hangs there), so the children are forked with it at one thread, the
+        # workers being the parallelism; the batches use no torch (its pool is never touched there)
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            cv2.setNumThreads(threads)
+
+    def take(self, step: int, total: int):
+        """The arrays and generator state of ``step``'s batch; asks for the batches after it."""
+        import queue
+        if step not in self.asked:
+            self.next_step = step
+        while self.next_step < max(total, step + 1) and self.next_step < step + self.ahead:
+            if self.next_step not in self.asked:
+                self.tasks.put(self.next_step)
+                self.asked.add(self.next_step)
+            self.next_step += 1
+        while step not in self.ready:
+            try:
+                got, payload = self.results.get(timeout=10)
+            except queue.Empty:
+                dead = [p.exitcode for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"a batch worker died (exit code {dead[0]})") from None
+                continue
+            self.ready[got] = payload
+        self.asked.discard(step)
+        payload = self.ready.pop(step)
+        if isinstance(payload, str):
+            raise RuntimeError(f"batch of step {step}: {payload}")
+        return payload
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
 
 
 class Trainer:
@@ -824,6 +915,7 @@ class Trainer:
         self.quiet = quiet
         t, lc = cfg["train"], cfg["loss"]
         self.stage = cfg["stage"]
+        self.batch_workers: Optional[BatchWorkers] = None
         start_run(self, cfg, output)
         self.amp = (bool(t["amp"]) and self.device.type == "cuda") or \
             (bool(t["cpu_bf16"]) and self.device.type == "cpu")
@@ -938,6 +1030,13 @@ class Trainer:
         return lr_at(self.cfg["train"], step)
 
     def _batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        hq, lq = self._batch_arrays(rng)
+        mf = self.memory_format
+        return to_tensor(hq, self.device).contiguous(memory_format=mf), to_tensor(lq, self.device).contiguous(
+            memory_format=mf)
+
+    def _batch_arrays(self, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The clean and degraded patches of one batch, drawn from ``rng`` (CPU only: workers run it)."""
         d = self.cfg["data"]
         b = self.cfg["train"]["batch"]
         idx = rng.integers(0, len(self.train_images), b)
@@ -955,9 +1054,24 @@ class Trainer:
                 h, l_ = h[:, ::-1], l_[:, ::-1]
             hq.append(np.ascontiguousarray(h))
             lq.append(np.ascontiguousarray(l_))
+        return hq, lq
+
+    def _step_batch(self) -> tuple[torch.Tensor, torch.Tensor, np.random.Generator]:
+        """The batch of this step and the generator the rest of the step draws from. With
+        ``train.workers`` the batch comes from a BatchWorkers queue, with the generator in the state
+        the batch left it: the same numbers as drawing here."""
+        rng = np.random.default_rng([self.seed, self.step])
+        workers = int(self.cfg["train"]["workers"])
+        if not workers:
+            hq, lq = self._batch(rng)
+            return hq, lq, rng
+        if self.batch_workers is None:
+            self.batch_workers = BatchWorkers(self, workers)
+        hq_a, lq_a, state = self.batch_workers.take(self.step, int(self.cfg["train"]["steps"]))
+        rng.bit_generator.state = state
         mf = self.memory_format
-        return to_tensor(hq, self.device).contiguous(memory_format=mf), to_tensor(lq, self.device).contiguous(
-            memory_format=mf)
+        return (to_tensor(list(hq_a), self.device).contiguous(memory_format=mf),
+                to_tensor(list(lq_a), self.device).contiguous(memory_format=mf), rng)
 
     def _image_losses(self, out: torch.Tensor, hq: torch.Tensor, logs: dict) -> torch.Tensor:
         lc = self.cfg["loss"]
@@ -1042,8 +1156,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimisation step (all its randomness from ``(seed, step)``); returns the losses."""
         t, lc = self.cfg["train"], self.cfg["loss"]
-        rng = np.random.default_rng([self.seed, self.step])
-        hq, lq = self._batch(rng)
+        hq, lq, rng = self._step_batch()
         lr = self.lr_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -1124,7 +1237,12 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------
     def run(self, until: Optional[int] = None) -> dict:
         """Train to ``train.steps`` (or stop early at ``until``, saving as an interruption would)."""
-        return run_loop(self, until)
+        try:
+            return run_loop(self, until)
+        finally:
+            if self.batch_workers is not None:
+                self.batch_workers.close()
+                self.batch_workers = None
 
 
 # --------------------------------------------------------------------------- export
@@ -1191,6 +1309,8 @@ def train_main(argv: list[str]) -> int:
         final = trainer.run(until=args.stop_at)
     except KeyboardInterrupt:
         return 130
+    except Interrupted as exc:  # saved by run_loop, which said so: not the pipeline's "no output written"
+        return exc.exit_code
     print(f"done: {trainer.out / 'last.pth'} at step {trainer.step}" +
           (" - " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)) if final else ""))
     return 0
