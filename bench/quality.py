@@ -194,6 +194,8 @@ def main() -> None:
     if args.merge:
         rows = {}
         for path in args.merge:
+            if not Path(path).is_file():
+                ap.error(f"--merge: no such file {path} (is its run still going?)")
             for key, rs in json.loads(Path(path).read_text()).items():
                 have = rows.setdefault(tuple(key.split("/", 1)), [])
                 # runs of other models on the same clips repeat the input and classical rows: once each

@@ -249,7 +249,7 @@ def test_auto_strength_leaves_a_clean_face_and_restores_a_degraded_one():
 def test_shipped_cards_cap_auto_strength():
     from frvideo.restore import load_restorer
     assert load_restorer("none").max_strength == 1.0
-    assert load_restorer("lite").max_strength == 0.4
+    assert load_restorer("lite").max_strength == 0.5  # lite v6 (RECIPE.md): the identity bar held at 0.5
 
 
 def test_blend_keeps_input_colour_and_detail():
