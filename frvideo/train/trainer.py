@@ -40,6 +40,7 @@ import importlib
 import json
 import math
 import os
+import queue
 import random
 import signal
 import sys
@@ -874,7 +875,6 @@ class BatchWorkers:
 
     def take(self, step: int, total: int):
         """The arrays and generator state of ``step``'s batch; asks for the batches after it."""
-        import queue
         if step not in self.asked:
             self.next_step = step
         while self.next_step < max(total, step + 1) and self.next_step < step + self.ahead:
@@ -1030,7 +1030,9 @@ class Trainer:
         return lr_at(self.cfg["train"], step)
 
     def _batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        hq, lq = self._batch_arrays(rng)
+        return self._tensors(*self._batch_arrays(rng))
+
+    def _tensors(self, hq, lq) -> tuple[torch.Tensor, torch.Tensor]:
         mf = self.memory_format
         return to_tensor(hq, self.device).contiguous(memory_format=mf), to_tensor(lq, self.device).contiguous(
             memory_format=mf)
@@ -1067,11 +1069,9 @@ class Trainer:
             return hq, lq, rng
         if self.batch_workers is None:
             self.batch_workers = BatchWorkers(self, workers)
-        hq_a, lq_a, state = self.batch_workers.take(self.step, int(self.cfg["train"]["steps"]))
+        hq, lq, state = self.batch_workers.take(self.step, int(self.cfg["train"]["steps"]))
         rng.bit_generator.state = state
-        mf = self.memory_format
-        return (to_tensor(list(hq_a), self.device).contiguous(memory_format=mf),
-                to_tensor(list(lq_a), self.device).contiguous(memory_format=mf), rng)
+        return (*self._tensors(hq, lq), rng)
 
     def _image_losses(self, out: torch.Tensor, hq: torch.Tensor, logs: dict) -> torch.Tensor:
         lc = self.cfg["loss"]
