@@ -68,3 +68,9 @@ def test_pack_cli(tmp_path, capsys):
     _dataset(src, n=2)
     assert main([str(src), "--chunk", f"{tmp_path / 'c'}:1", "--index", str(tmp_path / "c"), "--size", "64"]) == 0
     assert json.loads(capsys.readouterr().out)["crops"] == 2
+
+
+def test_pack_cli_missing_dataset_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere"), "--chunk", f"{tmp_path / 'c'}:1", "--index", str(tmp_path / "c")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("frvideo.train.pack: error:") and "nowhere" in err and "\n" not in err

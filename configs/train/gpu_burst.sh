@@ -2,7 +2,7 @@
 # The lite v6 recipe as a training burst on a lent accelerator machine (RECIPE.md "lite v6"), run from the repo
 # root there with the packed subset beside it (frvideo/train/pack.py): .gpu_a (eval crops and the
 # first train chunk, carried with PyAV's wheel in .whl) and .gpu_b (the rest and the index).
-#   gpu_burst.sh smoke           install PyAV, train both variants for SMOKE_S seconds, keep the rate
+#   gpu_burst.sh smoke SECONDS   install PyAV, train both variants for SECONDS, keep their rate
 #   gpu_burst.sh train SECONDS   train both variants for about SECONDS, export them into $OUT
 # Two variants side by side, 7 batch workers each (16 cores): a = 128² patches, b = whole 256² faces.
 set -u

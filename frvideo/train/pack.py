@@ -24,11 +24,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import FrvideoError, InputError
 from .dataset import read_image_rgb, read_index, _resize
 
 # the index fields training reads (the valid box from affine, frame_size and size; sources and
 # tracks for splits); the rest (landmarks, scores, ...) would be a third of the bytes carried
 KEEP = ("identity", "track", "source", "affine", "frame_size", "size")
+
+
+def _jpeg(path: Path, size: int, quality: int) -> np.ndarray:
+    image = _resize(read_image_rgb(path), size)
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise InputError(f"could not encode {path} as JPEG")
+    return data
 
 
 def pack(src: Path, chunks: list[tuple[Path, float]], index_dir: Path, size: int = 256, quality: int = 92,
@@ -37,36 +46,32 @@ def pack(src: Path, chunks: list[tuple[Path, float]], index_dir: Path, size: int
     by_file: dict[str, list[dict]] = {}
     for r in rows:
         by_file.setdefault(r["file"], []).append(r)
-    files = list(by_file)
-    late = [f for f in files if by_file[f][0].get("identity", "").startswith(last)] if last else []
-    late_set = set(late)
-    order = [f for f in files if f not in late_set]
+    is_late = {f: bool(last) and by_file[f][0].get("identity", "").startswith(last) for f in by_file}
+    late = [f for f in by_file if is_late[f]]
+    order = [f for f in by_file if not is_late[f]]
     order += [late[i] for i in np.random.default_rng(seed).permutation(len(late))]
     index_dir.mkdir(parents=True, exist_ok=True)
+    crops = ((k, _jpeg(src / name, size, quality)) for k, name in enumerate(order))
+    crop = next(crops, None)  # encoded once: the crop a chunk has no room for opens the next one
     out_rows, counts = [], []
-    k = 0
     for folder, mib in chunks:
         folder.mkdir(parents=True, exist_ok=True)
         budget, used, n = mib * 2**20, 0, 0
-        while k < len(order):
-            image = _resize(read_image_rgb(src / order[k]), size)
-            ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-            if not ok:
-                raise RuntimeError(f"could not encode {src / order[k]}")
-            if used + data.size > budget:
-                break
+        while crop is not None and used + crop[1].size <= budget:
+            k, data = crop
             target = folder / f"{k:06d}.jpg"
             target.write_bytes(data.tobytes())
             rel = os.path.relpath(target, index_dir)
             out_rows += [{**{f: r[f] for f in KEEP if f in r}, "file": rel} for r in by_file[order[k]]]
             used += data.size
             n += 1
-            k += 1
+            crop = next(crops, None)
         counts.append({"folder": str(folder), "crops": n, "mib": round(used / 2**20, 2)})
+    packed = sum(c["crops"] for c in counts)
     with open(index_dir / "index.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in out_rows)
     ids = {r.get("identity") for r in out_rows}
-    return {"crops": k, "of": len(order), "rows": len(out_rows), "identities": len(ids), "chunks": counts}
+    return {"crops": packed, "of": len(order), "rows": len(out_rows), "identities": len(ids), "chunks": counts}
 
 
 def main(argv: list[str]) -> int:
@@ -87,7 +92,12 @@ def main(argv: list[str]) -> int:
             chunks.append((Path(folder), float(mib)))
         except ValueError:
             p.error(f"--chunk wants DIR:MIB, not {c!r}")
-    print(json.dumps(pack(args.src, chunks, args.index, args.size, args.quality, tuple(args.last))))
+    try:
+        report = pack(args.src, chunks, args.index, args.size, args.quality, tuple(args.last))
+    except FrvideoError as exc:  # a missing dataset or crop: one line, not a traceback
+        print(f"frvideo.train.pack: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(report))
     return 0
 
 
